@@ -1,0 +1,178 @@
+"""The ``balloonctl`` command line: argparse in, one exit code out.
+
+Exit codes (DESIGN.md): 0 done; 1 the operation failed; 2 usage or configuration error;
+3 a finding (a malformed ring). Errors are one line on stderr; ``-v`` adds the detail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from balloonctl import __version__
+from balloonctl.errors import BalloonError, GuestMemoryError, UsageError, VirtioError
+from balloonctl.units import parse_int
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_FINDING = 3
+
+log = logging.getLogger("balloonctl")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with DESIGN.md's error contract: one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _argument(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """An argparse ``type=``: argparse only turns ArgumentTypeError into a usage error."""
+
+    def convert(text: str) -> int:
+        try:
+            return parse(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_gpa = _argument(lambda text: parse_int(text, what="address"))
+_index = _argument(lambda text: parse_int(text, what="index", limit=0xFFFF))
+_count = _argument(lambda text: parse_int(text, what="number"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = _Parser(
+        prog="balloonctl",
+        description="Manage virtio-balloon devices; inspect and benchmark the balloon protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"balloonctl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log detail to stderr")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (before COMMAND)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    vring = commands.add_parser("vring", help="inspect split virtqueues")
+    vring_cmds = vring.add_subparsers(dest="vring_command", metavar="ACTION", parser_class=_Parser)
+    vring_cmds.required = True
+    parse = vring_cmds.add_parser(
+        "parse",
+        help="parse the available chains of a queue in a raw guest-memory image (JSON)",
+        description=(
+            "Pop every available chain from --last-avail to avail.idx, as the device would, "
+            "and print them as JSON. Exit 3 at the first ring-level error, with its type."
+        ),
+    )
+    parse.add_argument("image", help="raw guest memory; byte 0 is guest-physical --base")
+    parse.add_argument("--queue-size", required=True, type=_count, metavar="N")
+    parse.add_argument("--desc", required=True, type=_gpa, metavar="GPA")
+    parse.add_argument("--avail", required=True, type=_gpa, metavar="GPA")
+    parse.add_argument("--used", required=True, type=_gpa, metavar="GPA")
+    parse.add_argument("--base", default=0, type=_gpa, metavar="GPA")
+    parse.add_argument("--last-avail", default=0, type=_index, metavar="IDX")
+    parse.add_argument(
+        "--decode",
+        default="pfn",
+        choices=["pfn", "sg", "stats", "report", "none"],
+        help="how to read each chain's buffers (default: pfn)",
+    )
+    parse.set_defaults(func=_cmd_vring_parse)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_cmds = bench.add_subparsers(dest="bench_command", metavar="NAME", parser_class=_Parser)
+    bench_cmds.required = True
+    decode = bench_cmds.add_parser(
+        "decode",
+        help="device-side decoding of a 7 GiB inflate: PFN arrays vs SG chains",
+    )
+    decode.add_argument("--memory", default="8G", help="guest RAM (default 8G)")
+    decode.add_argument("--inflate", default="7G", help="pages to inflate (default 7G)")
+    decode.add_argument("--run-pages", default=64, type=_count, help="mean free-run length")
+    decode.add_argument("--repeat", default=3, type=_count, help="timed repetitions (best kept)")
+    decode.add_argument("--python", action="store_true", help="also time a plain-Python decoder")
+    decode.set_defaults(func=_cmd_bench_decode)
+    return parser
+
+
+def _cmd_vring_parse(args: argparse.Namespace) -> int:
+    from balloonctl.virtio.inspect import Decode, RingParams, parse_ring  # noqa: PLC0415
+    from balloonctl.virtio.memory import GuestMemory, Region  # noqa: PLC0415
+
+    try:
+        region = Region.from_file(args.base, args.image)
+    except OSError as exc:
+        raise UsageError(f"cannot read image {args.image}: {exc.strerror}") from exc
+    except GuestMemoryError as exc:
+        raise UsageError(str(exc)) from exc
+    params = RingParams(args.queue_size, args.desc, args.avail, args.used, args.last_avail)
+    with GuestMemory([region]) as mem:
+        result = parse_ring(mem, params, Decode(args.decode))
+    # vring parse is a machine-readable diagnostic: JSON with or without --json.
+    json.dump(result, sys.stdout, separators=(",", ":"))
+    sys.stdout.write("\n")
+    return EXIT_FINDING if result["error"] is not None else EXIT_OK
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from balloonctl.bench.decode import DecodeBenchConfig, format_report, run  # noqa: PLC0415
+    from balloonctl.units import parse_size  # noqa: PLC0415
+
+    config = DecodeBenchConfig(
+        memory=parse_size(args.memory),
+        inflate=parse_size(args.inflate),
+        run_pages=args.run_pages,
+        repeat=max(1, args.repeat),
+        python=args.python,
+    )
+    report = run(config)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_report(report))
+    return EXIT_OK
+
+
+def exit_code(exc: BalloonError) -> int:
+    """The exit code for an error that reached the top."""
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, VirtioError):
+        return EXIT_FINDING
+    return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (never raise for a user's mistake)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="balloonctl: %(levelname)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except BalloonError as exc:
+        log.debug("detail", exc_info=True)
+        print(f"balloonctl: error: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Every error balloonctl raises on purpose, under one root.
+
+Callers catch :class:`BalloonError` and get a one-line message; the CLI maps the branch to
+an exit code (see ``balloonctl.cli``). Anything that is not a ``BalloonError`` escaping from
+balloonctl is a bug, and the fuzz harnesses treat it as a finding.
+
+The tree::
+
+    BalloonError                    root; str(e) is a one-line message for a user
+    +-- UsageError                  bad command-line input: a size, an address, a file (exit 2)
+    +-- GuestMemoryError            host-side access outside guest memory; a bug if it escapes
+    |                               the device code, which checks bounds first
+    +-- NegotiationError            the device refuses FEATURES_OK (spec 2.2.1, 3.1.1)
+    +-- VirtioError                 a guest broke the ring protocol; the device stops the
+        |                           queue (exit 3). Carries .head, .index, .indirect.
+        +-- QueueSizeInvalid        size 0, not a power of two, > 32768
+        +-- RingMisaligned          desc not 16-, avail not 2-, used not 4-aligned
+        +-- RingOutOfBounds         a ring not wholly inside guest memory
+        +-- AvailIndexJump          avail.idx ran more than a queue ahead of last_avail_idx
+        +-- HeadOutOfRange          an avail ring entry >= queue size
+        +-- NextOutOfRange          next >= queue size (or >= entries of an indirect table)
+        +-- DescriptorLoop          a chain visits more descriptors than its table holds
+        +-- BufferOutOfBounds       addr + len wraps 2**64 or leaves guest memory
+        +-- ZeroLengthBuffer        len == 0
+        +-- ChainTooLong            a chain's buffers add up to more than 2**32 bytes
+        +-- IndirectTableInvalid    indirect len 0 / not a multiple of 16 / too many entries /
+        |                           outside memory / not negotiated
+        +-- NestedIndirect          INDIRECT inside an indirect table
+        +-- IndirectWithNext        INDIRECT and NEXT on one descriptor
+        +-- DescriptorOrder         a device-readable descriptor after a device-writable one
+        +-- WrongDirection          a balloon buffer whose direction is not the spec's
+
+Balloon-level problems (a PFN outside RAM, a duplicate page, ...) are *not* errors: the
+device skips and counts them (``balloonctl.virtio.balloon.Rejection``), as QEMU and
+Firecracker do, because one bad PFN must not stop the guest's balloon.
+"""
+
+from __future__ import annotations
+
+
+class BalloonError(Exception):
+    """Root of every error balloonctl raises on purpose."""
+
+
+class UsageError(BalloonError):
+    """The user's input (an option, a size, a file) cannot be used as given."""
+
+
+class GuestMemoryError(BalloonError):
+    """A host-side access fell outside guest memory.
+
+    Device code checks bounds before it touches memory and raises a :class:`VirtioError`
+    naming the guest's mistake; this one escaping means balloonctl itself is wrong.
+    """
+
+
+class NegotiationError(BalloonError):
+    """The device refuses the driver's feature set at FEATURES_OK."""
+
+
+class VirtioError(BalloonError):
+    """The guest broke the split-virtqueue protocol; the queue cannot go on.
+
+    ``head`` is the chain's head index (None before a chain is reached), ``index`` the
+    descriptor's index in its table, and ``indirect`` whether that table is an indirect one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        head: int | None = None,
+        index: int | None = None,
+        indirect: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.head = head
+        self.index = index
+        self.indirect = indirect
+
+
+class QueueSizeInvalid(VirtioError):
+    """Queue size 0, not a power of two, or above 32768 (spec 2.7)."""
+
+
+class RingMisaligned(VirtioError):
+    """A ring part is not at its required alignment (spec 2.7.1)."""
+
+
+class RingOutOfBounds(VirtioError):
+    """A ring part is not wholly inside guest memory."""
+
+
+class AvailIndexJump(VirtioError):
+    """avail.idx is more than a queue size ahead of the device's last_avail_idx."""
+
+
+class HeadOutOfRange(VirtioError):
+    """An available ring entry names a descriptor beyond the table (spec 2.7.6)."""
+
+
+class NextOutOfRange(VirtioError):
+    """A descriptor's next field points beyond its table (spec 2.7.5)."""
+
+
+class DescriptorLoop(VirtioError):
+    """A chain visits more descriptors than its table holds (spec 2.7.5.1)."""
+
+
+class BufferOutOfBounds(VirtioError):
+    """A buffer wraps the address space or leaves guest memory."""
+
+
+class ZeroLengthBuffer(VirtioError):
+    """A descriptor of length 0 (QEMU refuses zero-sized buffers)."""
+
+
+class ChainTooLong(VirtioError):
+    """A chain's buffers add up to more than 2**32 bytes (spec 2.7.5.1)."""
+
+
+class IndirectTableInvalid(VirtioError):
+    """An indirect table that cannot be a table (spec 2.7.5.3.1)."""
+
+
+class NestedIndirect(VirtioError):
+    """INDIRECT set inside an indirect table (spec 2.7.5.3.1)."""
+
+
+class IndirectWithNext(VirtioError):
+    """INDIRECT and NEXT set on the same descriptor (spec 2.7.5.3.1)."""
+
+
+class DescriptorOrder(VirtioError):
+    """A device-readable descriptor after a device-writable one (spec 2.7.4.2)."""
+
+
+class WrongDirection(VirtioError):
+    """A balloon buffer whose direction is not the one the spec gives its queue (5.5.6)."""
