@@ -100,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--inflate", default="7G", help="pages to inflate (default 7G)")
     decode.add_argument("--run-pages", default=64, type=_count, help="mean free-run length")
     decode.add_argument("--repeat", default=3, type=_count, help="timed repetitions (best kept)")
-    decode.add_argument("--python", action="store_true", help="also time a plain-Python decoder")
+    decode.add_argument(
+        "--no-python",
+        dest="python",
+        action="store_false",
+        help="skip the plain-Python baseline decoder (slow: seconds)",
+    )
     decode.set_defaults(func=_cmd_bench_decode)
     return parser
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def image(tmp_path: Path, size: int, queue_size: int, build: Build) -> tuple[Pat
 
 def run(
     capsys: pytest.CaptureFixture[str], path: Path, layout: RingLayout, *extra: str
-) -> tuple[int, dict[str, object]]:
+) -> tuple[int, dict[str, Any]]:
     code = main(
         [
             "vring",
@@ -70,7 +71,11 @@ def test_parse_pfn_chains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                 "descriptors": [{"index": 0, "addr": 0x4000, "len": 25, "flags": 0, "next": 0}],
                 "pages": [[20, 3], [40, 1]],
                 "rejected": [
-                    {"reason": "bad-length", "descriptor": 0, "detail": "1 trailing bytes after 6 PFNs"},
+                    {
+                        "reason": "bad-length",
+                        "descriptor": 0,
+                        "detail": "1 trailing bytes after 6 PFNs",
+                    },
                     {"reason": "duplicate", "descriptor": 0, "first_pfn": 21, "count": 1},
                     {"reason": "out-of-ram", "descriptor": 0, "first_pfn": 9999, "count": 1},
                 ],
@@ -94,7 +99,6 @@ def test_parse_sg_with_indirect_tail_lists_table_entries(
     code, out = run(capsys, path, layout, "--decode", "sg")
     assert code == 0
     chains = out["chains"]
-    assert isinstance(chains, list)
     assert [(d["index"], d["addr"]) for d in chains[0]["descriptors"]] == [
         (0, 0x10000),
         (0, 0x20000),
@@ -116,7 +120,7 @@ def test_parse_stops_at_first_error_with_exit_3(
     path, layout = image(tmp_path, 1 << 20, 16, build)
     code, out = run(capsys, path, layout)
     assert code == 3
-    assert len(out["chains"]) == 1  # type: ignore[arg-type]
+    assert len(out["chains"]) == 1
     assert out["error"] == {
         "type": "NextOutOfRange",
         "message": "descriptor 5 of chain 5 has next 16, beyond its table of 16",
@@ -133,7 +137,7 @@ def test_parse_wrong_direction_is_a_finding(
     path, layout = image(tmp_path, 1 << 20, 16, build)
     code, out = run(capsys, path, layout)
     assert code == 3
-    assert out["error"]["type"] == "WrongDirection"  # type: ignore[index]
+    assert out["error"]["type"] == "WrongDirection"
     code, out = run(capsys, path, layout, "--decode", "none")
     assert code == 0
 
@@ -155,7 +159,7 @@ def test_parse_last_avail_and_base(tmp_path: Path, capsys: pytest.CaptureFixture
     shifted = RingLayout(16, base + layout.desc, base + layout.avail, base + layout.used)
     code, out = run(capsys, path, shifted, "--base", hex(base), "--last-avail", "1")
     assert code == 0
-    assert [c["pages"] for c in out["chains"]] == [  # type: ignore[union-attr]
+    assert [c["pages"] for c in out["chains"]] == [
         [[(base >> 12) + 2, 1]],
         [[(base >> 12) + 3, 1]],
     ]
@@ -168,22 +172,70 @@ def test_parse_queue_error_before_any_chain(
     code, out = run(capsys, path, RingLayout(16, layout.desc + 8, layout.avail, layout.used))
     assert code == 3
     assert out["chains"] == []
-    assert out["error"]["type"] == "RingMisaligned"  # type: ignore[index]
-    assert out["error"]["head"] is None  # type: ignore[index]
+    assert out["error"]["type"] == "RingMisaligned"
+    assert out["error"]["head"] is None
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["vring", "parse", "/nonexistent.img", "--queue-size", "8", "--desc", "0", "--avail",
-         "0x80", "--used", "0x100"],
-        ["vring", "parse", "x.img", "--queue-size", "8", "--desc", "0x", "--avail", "0",
-         "--used", "0"],
-        ["vring", "parse", "x.img", "--queue-size", "8", "--desc", "0", "--avail", "0",
-         "--used", "0", "--last-avail", "65536"],
+        [
+            "vring",
+            "parse",
+            "/nonexistent.img",
+            "--queue-size",
+            "8",
+            "--desc",
+            "0",
+            "--avail",
+            "0x80",
+            "--used",
+            "0x100",
+        ],
+        [
+            "vring",
+            "parse",
+            "x.img",
+            "--queue-size",
+            "8",
+            "--desc",
+            "0x",
+            "--avail",
+            "0",
+            "--used",
+            "0",
+        ],
+        [
+            "vring",
+            "parse",
+            "x.img",
+            "--queue-size",
+            "8",
+            "--desc",
+            "0",
+            "--avail",
+            "0",
+            "--used",
+            "0",
+            "--last-avail",
+            "65536",
+        ],
         ["vring", "parse", "x.img", "--queue-size", "8", "--desc", "0", "--avail", "0"],
-        ["vring", "parse", "x.img", "--queue-size", "8", "--desc", "0", "--avail", "0",
-         "--used", "0", "--decode", "bogus"],
+        [
+            "vring",
+            "parse",
+            "x.img",
+            "--queue-size",
+            "8",
+            "--desc",
+            "0",
+            "--avail",
+            "0",
+            "--used",
+            "0",
+            "--decode",
+            "bogus",
+        ],
     ],
     ids=["missing-image", "bad-hex", "last-avail-u16", "missing-used", "bad-decode"],
 )
@@ -203,8 +255,22 @@ def test_usage_errors_exit_2_with_one_line(
 def test_installed_command_has_no_traceback(tmp_path: Path) -> None:
     # The real console entry point, in a real process.
     proc = subprocess.run(
-        [sys.executable, "-m", "balloonctl.cli", "vring", "parse", str(tmp_path / "none"),
-         "--queue-size", "8", "--desc", "0", "--avail", "0x80", "--used", "0x100"],
+        [
+            sys.executable,
+            "-m",
+            "balloonctl.cli",
+            "vring",
+            "parse",
+            str(tmp_path / "none"),
+            "--queue-size",
+            "8",
+            "--desc",
+            "0",
+            "--avail",
+            "0x80",
+            "--used",
+            "0x100",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -238,21 +304,24 @@ def test_chain_of_32768_descriptors(tmp_path: Path, capsys: pytest.CaptureFixtur
     path, layout = big_image(tmp_path, loop=False)
     code, out = run(capsys, path, layout)
     assert code == 0
-    chain = out["chains"][0]  # type: ignore[index]
+    chain = out["chains"][0]
     assert len(chain["descriptors"]) == N
     assert chain["pages"] == [[0x400, 8192]]
     # Rejections are grouped per descriptor, and each descriptor here carries one PFN.
     rejected = chain["rejected"]
     assert {r["reason"] for r in rejected} == {"duplicate"}
     assert sum(r["count"] for r in rejected) == N - 8192
-    assert rejected[0] == {"reason": "duplicate", "descriptor": 8192, "first_pfn": 0x400, "count": 1}
+    assert rejected[0] == {
+        "reason": "duplicate",
+        "descriptor": 8192,
+        "first_pfn": 0x400,
+        "count": 1,
+    }
 
 
-def test_loop_through_32768_descriptors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_loop_through_32768_descriptors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, layout = big_image(tmp_path, loop=True)
     code, out = run(capsys, path, layout)
     assert code == 3
-    assert out["error"]["type"] == "DescriptorLoop"  # type: ignore[index]
+    assert out["error"]["type"] == "DescriptorLoop"
     assert out["chains"] == []

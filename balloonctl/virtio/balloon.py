@@ -29,7 +29,7 @@ from balloonctl.virtio.features import (
     queue_layout,
 )
 from balloonctl.virtio.memory import GuestMemory
-from balloonctl.virtio.pages import RamMap, RangeArray, Rejection, classify
+from balloonctl.virtio.pages import RamMap, RangeArray, Rejection
 from balloonctl.virtio.queue import Chain, SplitQueue
 from balloonctl.virtio.requests import (
     RequestForm,
@@ -253,8 +253,8 @@ class BalloonDevice:
         self.counters.pfn_bytes += got.pfn_bytes
         inflate = role is BalloonQueue.INFLATE
         balloon = None if role is BalloonQueue.REPORTING else self.balloon
-        done = classify(got.pfns, got.source, self.ram, balloon, inflate=inflate)
-        rejections = (*got.rejections, *done.rejections)
+        done = got.classify(self.ram, balloon, inflate=inflate)
+        rejections = done.rejections
         self.counters.rejected.update(rejection_pages(rejections))
         if role is BalloonQueue.DEFLATE:
             self._mark(done.ranges, False)

@@ -300,10 +300,13 @@ def check_features_ok(
     if require_version_1 and offered & version_1 and not acked & version_1:
         # 6.1: a driver MUST accept VERSION_1 if offered; 6.2: a device MAY then fail.
         raise NegotiationError("the driver did not accept version-1 on a modern device")
-    if require_must_tell_host and profile.has(offered, "must-tell-host"):
-        if not profile.has(acked, "must-tell-host"):
-            # 5.5.3.2: the device MAY fail FEATURES_OK if MUST_TELL_HOST is not accepted.
-            raise NegotiationError("the driver did not accept must-tell-host")
+    if (
+        require_must_tell_host
+        and profile.has(offered, "must-tell-host")
+        and not profile.has(acked, "must-tell-host")
+    ):
+        # 5.5.3.2: the device MAY fail FEATURES_OK if MUST_TELL_HOST is not accepted.
+        raise NegotiationError("the driver did not accept must-tell-host")
     if profile.has(acked, "ring-packed"):
         raise NegotiationError("packed virtqueues are not implemented (split queues only)")
 
@@ -347,9 +350,7 @@ def _string_index() -> dict[str, FeatureBit]:
 _BY_STRING: Final = _string_index()
 _SEED_ONLY: Final = frozenset({_SG.macro, _SG.description})
 _V12_ONLY: Final = frozenset(
-    s
-    for f in (_FREE_PAGE_HINT, _PAGE_POISON, _PAGE_REPORTING)
-    for s in (f.macro, f.description)
+    s for f in (_FREE_PAGE_HINT, _PAGE_POISON, _PAGE_REPORTING) for s in (f.macro, f.description)
 )
 
 

@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from balloonctl.errors import VirtioError
 from balloonctl.virtio.memory import GuestMemory
-from balloonctl.virtio.pages import RamMap, Rejection, classify
+from balloonctl.virtio.pages import RamMap, Rejection
 from balloonctl.virtio.queue import Chain, SplitQueue
 from balloonctl.virtio.requests import RequestForm, decode_stats, gather, gather_report
 
@@ -59,9 +59,9 @@ def chain_json(mem: GuestMemory, ram: RamMap, chain: Chain, decode: Decode) -> d
             got = gather_report(chain)
         else:
             got = gather(mem, chain, RequestForm(decode.value), queue="inflate/deflate")
-        done = classify(got.pfns, got.source, ram)
+        done = got.classify(ram)
         pages = done.ranges.tolist()
-        rejected = (*got.rejections, *done.rejections)
+        rejected = done.rejections
     out["pages"] = pages
     out["rejected"] = [r.to_json() for r in rejected]
     return out

@@ -90,6 +90,11 @@ class MockDriverQueue:
         """The queue size N."""
         return self.layout.size
 
+    @property
+    def free_descriptors(self) -> int:
+        """Descriptors not in any chain the device holds."""
+        return len(self._free)
+
     # --- raw writes, for hostile rings ---------------------------------------------------
     def write_desc(
         self, index: int, addr: int, length: int, flags: int = 0, next_: int = 0

@@ -265,8 +265,7 @@ class SplitQueue:
             if visited > table.entries:
                 where = "indirect table" if in_indirect else "descriptor table"
                 raise DescriptorLoop(
-                    f"chain {head} visits more than the {table.entries} descriptors of its "
-                    f"{where}",
+                    f"chain {head} visits more than the {table.entries} descriptors of its {where}",
                     head=head,
                     index=index,
                     indirect=in_indirect,

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from balloonctl.errors import WrongDirection
 from balloonctl.units import PAGE_SHIFT, PAGE_SIZE
@@ -22,10 +23,13 @@ from balloonctl.virtio.memory import GuestMemory
 from balloonctl.virtio.pages import (
     BAD_LENGTH,
     UNALIGNED,
+    Classified,
     PfnArray,
+    RamMap,
     RangeArray,
     Rejection,
-    expand_ranges,
+    classify,
+    classify_runs,
 )
 from balloonctl.virtio.queue import Chain
 
@@ -45,14 +49,29 @@ class RequestForm(StrEnum):
 
 @dataclass
 class Gathered:
-    """One request's pages in request order, before classification."""
+    """One request's pages in request order, before classification.
+
+    PFN arrays give pages (``runs`` None); SG chunks give runs, one per descriptor, which
+    are only expanded to pages if the fast path of :func:`classify_runs` cannot take them.
+    """
 
     pfns: PfnArray
-    #: The descriptor index that carried each page.
+    #: The descriptor index that carried each page (each run, for ``runs``).
     source: PfnArray
     rejections: list[Rejection] = field(default_factory=list)
     #: Bytes of PFN arrays read (0 for SG): what the seed's SG path saves.
     pfn_bytes: int = 0
+    runs: RangeArray | None = None
+
+    def classify(
+        self, ram: RamMap, balloon: npt.NDArray[np.bool_] | None = None, *, inflate: bool = True
+    ) -> Classified:
+        """Accepted ranges and every rejection (this buffer's and the pages')."""
+        if self.runs is not None:
+            done = classify_runs(self.runs, self.source, ram, balloon, inflate=inflate)
+        else:
+            done = classify(self.pfns, self.source, ram, balloon, inflate=inflate)
+        return Classified(done.ranges, (*self.rejections, *done.rejections))
 
 
 def require_direction(chain: Chain, *, writable: bool, queue: str) -> None:
@@ -143,9 +162,8 @@ def _gather_sg(chain: Chain) -> Gathered:
         runs.append((desc.addr >> PAGE_SHIFT, desc.len >> PAGE_SHIFT))
         sources.append(desc.index)
     ranges: RangeArray = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-    pfns = expand_ranges(ranges)
-    source = np.repeat(np.asarray(sources, dtype=np.int64), ranges[:, 1])
-    return Gathered(pfns, source, rejections)
+    empty = np.empty(0, dtype=np.int64)
+    return Gathered(empty, np.asarray(sources, dtype=np.int64), rejections, runs=ranges)
 
 
 def gather_report(chain: Chain) -> Gathered:
