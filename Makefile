@@ -29,9 +29,12 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# Only the source folders that exist (git keeps no empty ones).
+LINT_DIRS := $(wildcard balloonctl tests fuzz fixtures)
+
 lint: $(VENV)/.installed
-	$(BIN)/ruff check balloonctl tests fuzz fixtures
-	$(BIN)/ruff format --check balloonctl tests fuzz fixtures
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
