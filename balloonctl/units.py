@@ -7,8 +7,9 @@ fraction is allowed and rounded down to whole bytes, as QEMU's ``qemu_strtosz`` 
 
 from __future__ import annotations
 
+import math
 import re
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 from balloonctl.errors import UsageError
 
@@ -30,11 +31,8 @@ def parse_size(text: str) -> int:
     number, suffix, tail = match.groups()
     if tail is not None and tail.upper() == "IB" and not suffix:
         raise UsageError(f"not a size: {text!r} ('iB' needs K, M, G or T before it)")
-    try:
-        value = Decimal(number) * (1 << _SUFFIX_SHIFT[suffix.upper()])
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
-        raise UsageError(f"not a size: {text!r}") from exc
-    size = int(value)  # rounds toward zero, i.e. down: the number is never negative
+    # Exact rational arithmetic: Decimal's 28-digit context would round a long fraction up.
+    size = math.floor(Fraction(number) * (1 << _SUFFIX_SHIFT[suffix.upper()]))
     if size > U64_MAX:
         raise UsageError(f"size {text!r} does not fit in 64 bits")
     return size

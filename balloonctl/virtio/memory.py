@@ -28,6 +28,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Self, cast
 
+import numpy as np
+
 from balloonctl.errors import GuestMemoryError
 from balloonctl.units import PAGE_SIZE, is_page_aligned
 
@@ -71,6 +73,9 @@ class Region:
             raise GuestMemoryError(f"region at {base:#x}: size must be positive, not {size}")
         if base < 0 or base + size > 1 << 64:
             raise GuestMemoryError(f"region {base:#x}+{size:#x} is outside the 64-bit space")
+        if backing is not Backing.BYTES and not (is_page_aligned(base) and is_page_aligned(size)):
+            # madvise and punch-hole work on host pages: guest pages must coincide with them.
+            raise GuestMemoryError(f"a {backing} region must be page-aligned: {base:#x}+{size:#x}")
         self.base = base
         self.size = size
         self.backing = backing
@@ -122,9 +127,14 @@ class Region:
         return self.base + self.size
 
     def discard(self, offset: int, length: int) -> DiscardResult:
-        """Give ``length`` bytes at ``offset`` back to the host (page-aligned)."""
-        if not (is_page_aligned(offset) and is_page_aligned(length)):
-            raise GuestMemoryError(f"discard {offset:#x}+{length:#x} is not page-aligned")
+        """Give ``length`` bytes at ``offset`` back to the host: whole guest pages.
+
+        Alignment is judged on the guest-physical address, as the balloon's pages are;
+        only mmap-backed regions (page-aligned by construction) reach madvise/fallocate.
+        """
+        if not (is_page_aligned(self.base + offset) and is_page_aligned(length)):
+            where = f"{self.base + offset:#x}+{length:#x}"
+            raise GuestMemoryError(f"discard {where} is not page-aligned (whole guest pages)")
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise GuestMemoryError(f"discard {offset:#x}+{length:#x} outside the region")
         if self.backing is Backing.ANON:
@@ -143,15 +153,16 @@ class Region:
     def resident_bytes(self) -> int:
         """Host memory the region holds now: what a discard is meant to shrink.
 
-        memfd: the file's allocated blocks; anon: the mapping's Rss in /proc/self/smaps;
-        bytes: all of it (a bytearray is never given back).
+        memfd: the file's allocated blocks; anon: pages mincore finds mapped (a discarded
+        page that is read again maps the shared zero page and counts); bytes: all of it (a
+        bytearray is never given back).
         """
         if self.backing is Backing.MEMFD:
             assert self._fd is not None
             return os.fstat(self._fd).st_blocks * 512
         if self.backing is Backing.BYTES:
             return self.size
-        return _smaps_rss(self.host_address())
+        return _mincore_resident(self.host_address(), self.size)
 
     def host_address(self) -> int:
         """The host virtual address of the region's first byte."""
@@ -175,17 +186,29 @@ class Region:
 _FALLOCATE = _libc_fallocate()
 
 
-def _smaps_rss(address: int) -> int:
-    """Rss in bytes of the mapping that starts at ``address`` (from /proc/self/smaps)."""
-    start = f"{address:x}-"
-    with open("/proc/self/smaps", encoding="ascii") as smaps:
-        found = False
-        for line in smaps:
-            if not found:
-                found = line.startswith(start)
-            elif line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    raise GuestMemoryError(f"no mapping at {address:#x} in /proc/self/smaps")
+def _libc_mincore() -> Callable[[int, int, ctypes.Array[ctypes.c_ubyte]], int]:
+    """glibc's mincore(2): which pages of a mapping are resident."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fn = libc.mincore
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, ctypes.Array[ctypes.c_ubyte]], int]", fn)
+
+
+_MINCORE = _libc_mincore()
+
+
+def _mincore_resident(address: int, length: int) -> int:
+    """Resident bytes of exactly ``[address, address + length)``.
+
+    mincore, not /proc/self/smaps: the kernel merges neighbouring anonymous mappings into
+    one VMA, so smaps cannot tell two regions (or a region and a neighbour) apart.
+    """
+    pages = -(-length // PAGE_SIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    if _MINCORE(address, length, vec):
+        raise GuestMemoryError(f"mincore failed: {os.strerror(ctypes.get_errno())}")
+    return int(np.count_nonzero(np.ctypeslib.as_array(vec) & 1)) * PAGE_SIZE
 
 
 class GuestMemory:

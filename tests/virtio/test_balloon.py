@@ -354,3 +354,20 @@ def test_queue_layout_follows_acked_features() -> None:
         )
         with pytest.raises(ValueError, match="3 queues"):
             dev.attach_queue(3, 16, 0, 0x100, 0x200)
+
+
+def test_inflate_in_ram_at_an_unaligned_base() -> None:
+    # Regression: with RAM starting at 0x800, page 5 is whole RAM and must be discardable;
+    # the device used to let a GuestMemoryError escape after updating its bitmap.
+    with GuestMemory.from_image(bytes(0x10000), base=0x800) as mem:
+        dev = BalloonDevice(mem)
+        dev.set_features(dev.offered)
+        layout = RingLayout.packed(16, 0x1000)
+        driver = MockDriverQueue(mem, layout, event_idx=True)
+        dev.attach_queue(0, 16, layout.desc, layout.avail, layout.used)
+        mem.write(0x3000, pfn_array([5, 0]))  # page 0 is only half RAM
+        driver.add_chain([(0x3000, 8, False)])
+        results, _ = dev.process(BalloonQueue.INFLATE)
+        assert results[0].ranges.tolist() == [[5, 1]]
+        assert [(r.reason, r.first_pfn) for r in results[0].rejections] == [("out-of-ram", 0)]
+        assert dev.balloon_pages == 1
