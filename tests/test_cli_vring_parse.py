@@ -176,66 +176,19 @@ def test_parse_queue_error_before_any_chain(
     assert out["error"]["head"] is None
 
 
+# x.img does not exist: every case but the first fails on its arguments before reading it.
+ARGV = ["vring", "parse", "x.img", "--queue-size", "8", "--desc", "0", "--avail", "0x80"]
+USED = ["--used", "0x100"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
-        [
-            "vring",
-            "parse",
-            "/nonexistent.img",
-            "--queue-size",
-            "8",
-            "--desc",
-            "0",
-            "--avail",
-            "0x80",
-            "--used",
-            "0x100",
-        ],
-        [
-            "vring",
-            "parse",
-            "x.img",
-            "--queue-size",
-            "8",
-            "--desc",
-            "0x",
-            "--avail",
-            "0",
-            "--used",
-            "0",
-        ],
-        [
-            "vring",
-            "parse",
-            "x.img",
-            "--queue-size",
-            "8",
-            "--desc",
-            "0",
-            "--avail",
-            "0",
-            "--used",
-            "0",
-            "--last-avail",
-            "65536",
-        ],
-        ["vring", "parse", "x.img", "--queue-size", "8", "--desc", "0", "--avail", "0"],
-        [
-            "vring",
-            "parse",
-            "x.img",
-            "--queue-size",
-            "8",
-            "--desc",
-            "0",
-            "--avail",
-            "0",
-            "--used",
-            "0",
-            "--decode",
-            "bogus",
-        ],
+        [*ARGV, *USED],
+        [*ARGV, *USED, "--desc", "0x"],
+        [*ARGV, *USED, "--last-avail", "65536"],
+        ARGV,
+        [*ARGV, *USED, "--decode", "bogus"],
     ],
     ids=["missing-image", "bad-hex", "last-avail-u16", "missing-used", "bad-decode"],
 )
