@@ -11,6 +11,8 @@ The tree::
     +-- GuestMemoryError            host-side access outside guest memory; a bug if it escapes
     |                               the device code, which checks bounds first
     +-- NegotiationError            the device refuses FEATURES_OK (spec 2.2.1, 3.1.1)
+    +-- GuestModelError             the in-process guest cannot go on: its queue is full with
+    |                               nothing to wait for, or the device never returned a buffer
     +-- VirtioError                 a guest broke the ring protocol; the device stops the
         |                           queue (exit 3). Carries .head, .index, .indirect.
         +-- QueueSizeInvalid        size 0, not a power of two, > 32768
@@ -56,6 +58,11 @@ class GuestMemoryError(BalloonError):
 
 class NegotiationError(BalloonError):
     """The device refuses the driver's feature set at FEATURES_OK."""
+
+
+class GuestModelError(BalloonError):
+    """The in-process guest model cannot go on (no descriptors and nothing in flight, or
+    the device never returned what it was given)."""
 
 
 class VirtioError(BalloonError):

@@ -1,0 +1,389 @@
+"""The seed's Linux virtio_balloon driver, in Python, writing real rings into guest memory.
+
+Follows ``drivers/virtio/virtio_balloon.c`` as patched by the seed
+(``shared/seeds/000_34aea63179f8e450.txt``): the legacy path sends arrays of up to 256 PFNs
+and waits for each; with ``VIRTIO_BALLOON_F_SG`` (seed-sg profile only) the pages go into a
+page bitmap (numpy where the seed uses an xbitmap) which ``tell_host_sgs`` searches for runs,
+one descriptor per run, one chain per request, kicking and starting a new chain when the
+queue fills.
+
+Where the seed is wrong this model is right, and says so where it differs:
+
+1. ``uint32_t sg_size`` overflows for a run of 4 GiB or more: runs are split at
+   ``round_down(UINT32_MAX, 4096)``, as later versions of the series do.
+2. ``tell_host_sgs`` searches ``[pfn_min, pfn_max)`` with ``while (sg_pfn_start <
+   page_xb_end)``: the page at ``pfn_max`` is never sent when a run starts on it (after a
+   one-page gap). Here the search includes ``pfn_max``.
+3. ``virtqueue_add_chain_desc`` returns -ENOSPC when a fresh chain finds no free
+   descriptor, and ``tell_host_sgs`` ignores the return value, so that run is lost: counted
+   in the guest's balloon, never told to the host. Here the driver waits for the device.
+4. ``tell_host_sgs`` waits for *one* used buffer after its last kick, though earlier chains
+   of the same request may still be in flight when the device is slow; a deflate must not
+   free pages before the host has all of them (MUST_TELL_HOST). Here it waits for all.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from balloonctl.errors import GuestModelError
+from balloonctl.guest.allocator import GuestAllocator, PageState
+from balloonctl.guest.vring import DriverQueue, OpenChain
+from balloonctl.units import PAGE_SHIFT, PAGE_SIZE
+from balloonctl.virtio import spec
+from balloonctl.virtio.features import Profile, negotiate, queue_layout
+from balloonctl.virtio.memory import GuestMemory
+from balloonctl.virtio.mock import RingLayout
+from balloonctl.virtio.pages import RangeArray, expand_ranges, merge_ranges
+from balloonctl.virtio.spec import BalloonQueue, StatTag
+
+log = logging.getLogger(__name__)
+
+#: What the seed's driver knows (its features[] table), by profile; plus the transport
+#: features Linux's virtio core accepts. A seed-sg driver does not know bits 4 and 5.
+DRIVER_FEATURES = {
+    "seed-sg": ("must-tell-host", "stats-vq", "deflate-on-oom", "sg"),
+    "virtio-1.2": ("must-tell-host", "stats-vq", "deflate-on-oom"),
+}
+TRANSPORT_FEATURES = ("ring-indirect-desc", "ring-event-idx", "version-1")
+#: Linux's oom_pages module parameter: pages given back per OOM notification.
+OOM_PAGES = 256
+SG_CHUNK_PAGES = spec.SG_CHUNK_MAX >> PAGE_SHIFT
+
+
+class Transport(Protocol):
+    """The device as a driver reaches it (virtio-pci's registers, reduced)."""
+
+    def device_features(self) -> int:
+        """The features the device offers."""
+
+    def set_features(self, acked: int) -> None:
+        """Write the driver features and FEATURES_OK (may raise NegotiationError)."""
+
+    def setup_queue(self, index: int, layout: RingLayout) -> None:
+        """Tell the device where queue ``index`` is."""
+
+    def notify(self, index: int) -> None:
+        """Ring queue ``index``'s doorbell."""
+
+    def wait(self, index: int) -> None:
+        """Let the device run while the driver waits on queue ``index``."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Read device config space."""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Write device config space."""
+
+    def driver_ok(self) -> None:
+        """Set DRIVER_OK."""
+
+
+@dataclass
+class StageTimes:
+    """The seed's breakdown of an inflate, guest side (the device times its own stages)."""
+
+    allocate_s: float = 0.0
+    tell_host_s: float = 0.0
+
+
+class BalloonStack:
+    """The balloon's pages, last in first out (balloon_page_enqueue/dequeue), as runs."""
+
+    def __init__(self) -> None:
+        self._runs: list[list[int]] = []
+        self.pages = 0
+
+    def push(self, runs: RangeArray) -> None:
+        """Pages just inflated."""
+        for first, count in runs.tolist():
+            if self._runs and self._runs[-1][0] + self._runs[-1][1] == first:
+                self._runs[-1][1] += count
+            else:
+                self._runs.append([first, count])
+            self.pages += count
+
+    def pop(self, n: int) -> RangeArray:
+        """Up to ``n`` of the most recently inflated pages."""
+        out: list[tuple[int, int]] = []
+        while n > 0 and self._runs:
+            first, count = self._runs[-1]
+            take = min(n, count)
+            out.append((first + count - take, take))
+            if take == count:
+                self._runs.pop()
+            else:
+                self._runs[-1][1] -= take
+            n -= take
+            self.pages -= take
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+    def remove(self, pfn: int) -> bool:
+        """Take one page out from anywhere (migration); False if it is not here."""
+        for i, (first, count) in enumerate(self._runs):
+            if first <= pfn < first + count:
+                left, right = [first, pfn - first], [pfn + 1, first + count - pfn - 1]
+                self._runs[i : i + 1] = [r for r in (left, right) if r[1] > 0]
+                self.pages -= 1
+                return True
+        return False
+
+    def all_runs(self) -> RangeArray:
+        """Every page in the balloon, as runs in stack order."""
+        return np.asarray(self._runs, dtype=np.int64).reshape(-1, 2)
+
+
+class BalloonDriver:
+    """virtio_balloon, one instance per device."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        allocator: GuestAllocator,
+        transport: Transport,
+        *,
+        profile: Profile,
+        queue_size: int = 128,
+        features: Sequence[str] | None = None,
+        indirect_entries: int = 16,
+    ) -> None:
+        self.mem = mem
+        self.allocator = allocator
+        self.transport = transport
+        self.profile = profile
+        self.queue_size = queue_size
+        wanted = (
+            features
+            if features is not None
+            else (DRIVER_FEATURES[profile.name] + TRANSPORT_FEATURES)
+        )
+        self.supported = profile.encode(wanted)
+        self.indirect_entries = indirect_entries
+        self.acked = 0
+        self.queues: dict[BalloonQueue, DriverQueue] = {}
+        self.balloon = BalloonStack()
+        self.times = StageTimes()
+        self.oom_deflated = 0
+        # The page bitmap the seed keeps in an xbitmap, one flag per RAM page (dense index).
+        self._bitmap = np.zeros(allocator.total_pages, dtype=bool)
+        self._pfns_addr = 0
+        self._stats_addr = 0
+
+    # --- probe (virtballoon_probe / init_vqs) ----------------------------------------------
+    def has(self, name: str) -> bool:
+        """Whether ``name`` was negotiated."""
+        return self.profile.has(self.acked, name)
+
+    @property
+    def use_sg(self) -> bool:
+        """The seed's ``virtio_has_feature(vdev, VIRTIO_BALLOON_F_SG)``."""
+        return self.has("sg")
+
+    def probe(self) -> None:
+        """Negotiate, set the queues up in guest memory, prime the stats queue, DRIVER_OK."""
+        self.acked = negotiate(self.transport.device_features(), self.supported)
+        self.transport.set_features(self.acked)
+        roles = queue_layout(self.profile, self.acked)
+        layout_bytes = RingLayout.packed(self.queue_size).end
+        indirect = self.has("ring-indirect-desc") and self.indirect_entries > 0
+        table_bytes = self.queue_size * self.indirect_entries * spec.DESC_SIZE if indirect else 0
+        for index, role in enumerate(roles):
+            pages = -(-(layout_bytes + table_bytes) // PAGE_SIZE)
+            base = self.allocator.allocate_contiguous(pages) << PAGE_SHIFT
+            layout = RingLayout.packed(self.queue_size, base)
+            area = (layout.end + 15 & ~15, self.indirect_entries) if indirect else None
+            self.queues[role] = DriverQueue(
+                self.mem,
+                layout,
+                notify=functools.partial(self.transport.notify, index),
+                wait=functools.partial(self.transport.wait, index),
+                event_idx=self.has("ring-event-idx"),
+                indirect_area=area,
+            )
+            self.transport.setup_queue(index, layout)
+        # vb->pfns[] and the stats array live in the driver's kernel memory.
+        self._pfns_addr = self.allocator.allocate_contiguous(1) << PAGE_SHIFT
+        self._stats_addr = self.allocator.allocate_contiguous(1) << PAGE_SHIFT
+        self.transport.driver_ok()
+        if BalloonQueue.STATS in self.queues:
+            # init_vqs: "Prime this virtqueue with one buffer so the hypervisor can use it."
+            self._send_stats()
+
+    # --- config -----------------------------------------------------------------------------
+    def target_pages(self) -> int:
+        """num_pages from config space: the host's wish."""
+        raw = self.transport.read_config(spec.CONFIG_NUM_PAGES_OFF, 4)
+        return int.from_bytes(raw, "little")
+
+    def towards_target(self) -> int:
+        """Pages to inflate (positive) or deflate (negative) to meet the target."""
+        return self.target_pages() - self.balloon.pages
+
+    def update_balloon_size(self) -> None:
+        """Tell the host how many pages the balloon holds (config ``actual``)."""
+        self.transport.write_config(
+            spec.CONFIG_ACTUAL_OFF, self.balloon.pages.to_bytes(4, "little")
+        )
+
+    def balloon_work(self, *, max_rounds: int = 1 << 20) -> None:
+        """update_balloon_size_func: fill or leak until the target is met or no progress."""
+        for _ in range(max_rounds):
+            diff = self.towards_target()
+            if diff == 0:
+                return
+            moved = self.fill_balloon(diff) if diff > 0 else self.leak_balloon(-diff)
+            self.update_balloon_size()
+            if moved == 0:
+                # Linux reschedules itself; in the model, give up until the next change
+                # (the guest keeps memory it cannot give up).
+                return
+
+    # --- inflate / deflate --------------------------------------------------------------------
+    def fill_balloon(self, num: int) -> int:
+        """Inflate by up to ``num`` pages (256 at a time on the legacy path); the count."""
+        if not self.use_sg:
+            num = min(num, spec.PFNS_PER_BUFFER_MAX)  # "one array worth at a time"
+        t0 = time.perf_counter()
+        runs = self.allocator.allocate_runs(num, PageState.BALLOON)
+        self.times.allocate_s += time.perf_counter() - t0
+        got = int(runs[:, 1].sum()) if len(runs) else 0
+        if got == 0:
+            return 0
+        t1 = time.perf_counter()
+        self.balloon.push(runs)
+        vq = self.queues[BalloonQueue.INFLATE]
+        if self.use_sg:
+            self._tell_host_sgs(vq, *self._mark(runs))
+        else:
+            self._tell_host(vq, runs)
+        self.times.tell_host_s += time.perf_counter() - t1
+        return got
+
+    def leak_balloon(self, num: int) -> int:
+        """Deflate by up to ``num`` pages; the host is told before the guest reuses them
+        (MUST_TELL_HOST: "we *have* to do it in this order")."""
+        if not self.use_sg:
+            num = min(num, spec.PFNS_PER_BUFFER_MAX)
+        runs = self.balloon.pop(min(num, self.balloon.pages))
+        got = int(runs[:, 1].sum()) if len(runs) else 0
+        if got == 0:
+            return 0
+        vq = self.queues[BalloonQueue.DEFLATE]
+        if self.use_sg:
+            self._tell_host_sgs(vq, *self._mark(runs))
+        else:
+            self._tell_host(vq, runs)
+        # release_pages_balloon: only now do the pages go back to the guest.
+        for first, count in runs.tolist():
+            self.allocator.release(np.arange(first, first + count, dtype=np.int64))
+        return got
+
+    def _tell_host(self, vq: DriverQueue, runs: RangeArray) -> None:
+        """The legacy tell_host: one buffer of le32 PFNs, kick, wait for it to come back."""
+        pfns = expand_ranges(runs).astype("<u4").tobytes()
+        self.mem.write(self._pfns_addr, pfns)
+        vq.add_sgs([(self._pfns_addr, len(pfns))], [], token="pfns")
+        vq.kick()
+        vq.wait_for_used()
+
+    def _mark(self, runs: RangeArray) -> tuple[int, int]:
+        """xb_set_bit for each page (a slice per run); returns the seed's (pfn_min, pfn_max)
+        as dense indices."""
+        dense = self.allocator.to_dense(runs[:, 0])
+        for start, count in zip(dense.tolist(), runs[:, 1].tolist(), strict=True):
+            self._bitmap[start : start + count] = True
+        return int(dense.min()), int((dense + runs[:, 1]).max()) - 1
+
+    def _tell_host_sgs(self, vq: DriverQueue, lo: int, hi: int) -> None:
+        """The seed's tell_host_sgs: one descriptor per run of set bits in [lo, hi], the
+        last page included (fix 2), split at SG_CHUNK_PAGES (fix 1); a full queue
+        publishes, kicks and waits (fix 3); every chain is acked before returning (fix 4)."""
+        window = self._bitmap[lo : hi + 1]
+        set_pages = np.flatnonzero(window) + lo
+        window[:] = False  # xb_zero
+        pfns = self.allocator.to_pfns(set_pages.astype(np.int64))
+        chain = OpenChain()
+        for first, count in merge_ranges(pfns).tolist():
+            for start in range(first, first + count, SG_CHUNK_PAGES):
+                n = min(SG_CHUNK_PAGES, first + count - start)
+                vq.add_chain_desc(chain, start << PAGE_SHIFT, n << PAGE_SHIFT)
+        vq.publish_chain(chain, token="sg")
+        vq.kick()
+        while vq.in_flight:
+            vq.wait_for_used()
+
+    # --- deflate on OOM (virtballoon_oom_notify) --------------------------------------------
+    def oom_notify(self) -> int:
+        """The guest is out of memory: give back up to OOM_PAGES if DEFLATE_ON_OOM."""
+        if not self.has("deflate-on-oom"):
+            return 0
+        freed = self.leak_balloon(OOM_PAGES)
+        self.update_balloon_size()
+        self.oom_deflated += freed
+        return freed
+
+    # --- page migration (virtballoon_migratepage) ---------------------------------------------
+    def migrate(self, old_pfn: int) -> int:
+        """Compaction moves balloon page ``old_pfn``: a new page goes into the balloon (told
+        on the inflate queue), then the old one comes out (deflate queue) and is freed. In
+        the SG form one page is one descriptor (tell_host_one_page). Returns the new PFN."""
+        if not self.balloon.remove(old_pfn):
+            raise GuestModelError(f"page {old_pfn} is not in the balloon")
+        new = self.allocator.allocate(1, PageState.BALLOON)
+        if new.size == 0:
+            self.balloon.push(np.array([[old_pfn, 1]], dtype=np.int64))
+            raise GuestModelError("no free page to migrate to")
+        new_pfn = int(new[0])
+        self.balloon.push(np.array([[new_pfn, 1]], dtype=np.int64))
+        for role, pfn in ((BalloonQueue.INFLATE, new_pfn), (BalloonQueue.DEFLATE, old_pfn)):
+            vq = self.queues[role]
+            if self.use_sg:
+                chain = OpenChain()
+                vq.add_chain_desc(chain, pfn << PAGE_SHIFT, PAGE_SIZE)
+                vq.publish_chain(chain, token="page")
+                vq.kick()
+                vq.wait_for_used()
+            else:
+                self._tell_host(vq, np.array([[pfn, 1]], dtype=np.int64))
+        self.allocator.release(np.array([old_pfn], dtype=np.int64))
+        return new_pfn
+
+    # --- stats (stats_request / update_balloon_stats) ---------------------------------------
+    def stats_values(self) -> list[tuple[int, int]]:
+        """What update_balloon_stats reports, from the model's allocator."""
+        free = self.allocator.count(PageState.FREE) * PAGE_SIZE
+        total = self.allocator.total_pages * PAGE_SIZE
+        return [
+            (StatTag.SWAP_IN, 0),
+            (StatTag.SWAP_OUT, 0),
+            (StatTag.MAJFLT, 0),
+            (StatTag.MINFLT, 0),
+            (StatTag.MEMFREE, free),
+            (StatTag.MEMTOT, total),
+            (StatTag.AVAIL, free),
+            (StatTag.CACHES, 0),
+            (StatTag.HTLB_PGALLOC, 0),
+            (StatTag.HTLB_PGFAIL, 0),
+        ]
+
+    def _send_stats(self) -> None:
+        data = b"".join(spec.STAT_STRUCT.pack(tag, value) for tag, value in self.stats_values())
+        self.mem.write(self._stats_addr, data)
+        vq = self.queues[BalloonQueue.STATS]
+        vq.add_sgs([(self._stats_addr, len(data))], [], token="stats")
+        vq.kick()
+
+    def interrupt(self, role: BalloonQueue) -> None:
+        """A used-buffer notification. On the stats queue it is the host asking for fresh
+        stats (stats_request): take the buffer back and send it refilled."""
+        if role is BalloonQueue.STATS:
+            vq = self.queues[role]
+            if vq.get_buf() is not None:
+                self._send_stats()

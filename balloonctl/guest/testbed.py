@@ -1,0 +1,181 @@
+"""One guest model wired to one device through one guest memory: the hermetic testbed.
+
+The transport is synchronous: a kick runs the device on that queue at once, and a used-buffer
+notification calls the driver's interrupt handler, so every scenario is deterministic. The
+invariants can be checked at any moment between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from balloonctl.errors import BalloonError
+from balloonctl.guest.allocator import GuestAllocator, PageState
+from balloonctl.guest.driver import BalloonDriver
+from balloonctl.units import PAGE_SHIFT
+from balloonctl.virtio.balloon import BalloonDevice, DiscardStrategy
+from balloonctl.virtio.features import Profile, get_profile
+from balloonctl.virtio.memory import Backing, GuestMemory
+from balloonctl.virtio.mock import RingLayout
+from balloonctl.virtio.spec import BalloonQueue
+
+
+class InvariantError(BalloonError):
+    """Guest and device disagree about the balloon: a bug in one of them."""
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """A guest to build."""
+
+    memory: int = 64 << 20
+    profile: str = "seed-sg"
+    backing: Backing = Backing.BYTES
+    discard: DiscardStrategy = DiscardStrategy.PER_RANGE
+    queue_size: int = 128
+    used: int = 8 << 20
+    fragment_pages: int = 0
+    indirect_entries: int = 16
+    seed: int = 0
+
+
+class _SyncTransport:
+    """The driver's view of the device: each call lands on the device right away."""
+
+    def __init__(self, bed: Testbed) -> None:
+        self.bed = bed
+
+    def device_features(self) -> int:
+        return self.bed.device.offered
+
+    def set_features(self, acked: int) -> None:
+        self.bed.device.set_features(acked)
+
+    def setup_queue(self, index: int, layout: RingLayout) -> None:
+        self.bed.device.attach_queue(index, layout.size, layout.desc, layout.avail, layout.used)
+
+    def notify(self, index: int) -> None:
+        self.bed.kicks += 1
+        device = self.bed.device
+        role = device.queue_roles[index]
+        _, interrupt = device.process(role)
+        if interrupt:
+            self.bed.interrupts += 1
+            self.bed.driver.interrupt(role)
+
+    def wait(self, index: int) -> None:
+        # The device ran inside notify(); nothing is pending. A real wait would sleep.
+        return None
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.bed.device.read_config(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.bed.device.write_config(offset, data)
+
+    def driver_ok(self) -> None:
+        self.bed.device.driver_ok()
+
+
+class Testbed:
+    """Guest memory, the device, the guest's allocator and driver, probed and ready."""
+
+    def __init__(self, config: TestbedConfig | None = None) -> None:
+        self.config = config or TestbedConfig()
+        cfg = self.config
+        self.profile: Profile = get_profile(cfg.profile)
+        self.mem = GuestMemory.simple(cfg.memory, cfg.backing)
+        self.kicks = 0
+        self.interrupts = 0
+        self.device = BalloonDevice(
+            self.mem,
+            profile=self.profile,
+            discard=cfg.discard,
+            on_config_change=self._config_changed,
+        )
+        self.allocator = GuestAllocator(
+            self.mem.page_ranges(),
+            used_pages=cfg.used >> PAGE_SHIFT,
+            fragment_pages=cfg.fragment_pages,
+            seed=cfg.seed,
+        )
+        self.driver = BalloonDriver(
+            self.mem,
+            self.allocator,
+            _SyncTransport(self),
+            profile=self.profile,
+            queue_size=cfg.queue_size,
+            indirect_entries=cfg.indirect_entries,
+        )
+        self._auto = True
+        self.driver.probe()
+
+    def close(self) -> None:
+        """Release guest memory."""
+        self.mem.close()
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _config_changed(self) -> None:
+        # virtballoon_changed -> update_balloon_size_func, run at once in the testbed.
+        if self._auto and self.driver.queues:
+            self.driver.balloon_work()
+
+    # --- what a host and a guest workload do ------------------------------------------------
+    def set_target(self, balloon_pages: int) -> None:
+        """The host asks for a balloon of ``balloon_pages`` (QMP ``balloon`` sets guest size;
+        config space holds the balloon size)."""
+        self.device.set_target_pages(balloon_pages)
+
+    def guest_use(self, pages: int) -> int:
+        """The guest's workload allocates ``pages``; under pressure the OOM notifier may
+        deflate (DEFLATE_ON_OOM). Returns the pages it got."""
+        got = self.allocator.allocate(pages, PageState.USED).size
+        while got < pages and self.driver.oom_notify() > 0:
+            got += self.allocator.allocate(pages - got, PageState.USED).size
+        return got
+
+    def guest_free(self, pages: int) -> int:
+        """The workload frees up to ``pages`` of what it uses (highest first)."""
+        used = self.allocator.pages_in(PageState.USED)
+        reserved = int(self.config.used >> PAGE_SHIFT)
+        victims = used[max(reserved, used.size - pages) :]
+        self.allocator.release(victims, PageState.USED)
+        return int(victims.size)
+
+    def request_stats(self) -> None:
+        """The host's stats timer: hand the buffer back; the driver refills it."""
+        if self.device.request_stats():
+            self.interrupts += 1
+            self.driver.interrupt(BalloonQueue.STATS)
+
+    # --- invariants ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise InvariantError unless guest and device agree about every page."""
+        guest = self.allocator.state == PageState.BALLOON
+        if not np.array_equal(guest, self.device.balloon):
+            diff = np.flatnonzero(guest != self.device.balloon)
+            raise InvariantError(
+                f"{diff.size} pages differ between the guest's and the device's balloon "
+                f"(first dense index {int(diff[0])})"
+            )
+        if self.driver.balloon.pages != int(np.count_nonzero(guest)):
+            raise InvariantError(
+                f"the driver counts {self.driver.balloon.pages} balloon pages, its allocator "
+                f"{int(np.count_nonzero(guest))}"
+            )
+        if self.device.config.actual != self.driver.balloon.pages:
+            raise InvariantError(
+                f"config actual {self.device.config.actual} != balloon size "
+                f"{self.driver.balloon.pages}"
+            )
+        if self.device.balloon_pages != self.driver.balloon.pages:
+            raise InvariantError(
+                f"device holds {self.device.balloon_pages}, guest {self.driver.balloon.pages}"
+            )
