@@ -25,8 +25,11 @@ class PageState(IntEnum):
     """What a guest page is doing."""
 
     FREE = 0
+    #: The workload's memory: taken and given back as it runs.
     USED = 1
     BALLOON = 2
+    #: Memory the guest will not give up: the kernel, the driver's rings and buffers.
+    KERNEL = 3
 
 
 class GuestAllocator:
@@ -40,7 +43,7 @@ class GuestAllocator:
         fragment_pages: int = 0,
         seed: int = 0,
     ) -> None:
-        """``used_pages`` are taken at boot: at the bottom of RAM, or, with
+        """``used_pages`` are kernel memory taken at boot: at the bottom of RAM, or, with
         ``fragment_pages`` > 0, scattered so the free runs between them average that many
         pages (a long-running guest)."""
         self.ram = RamMap(page_ranges)
@@ -58,13 +61,13 @@ class GuestAllocator:
             per[: used_pages % cuts.size] += 1
             for cut, n in zip(cuts.tolist(), per.tolist(), strict=True):
                 stretch = self.state[cut : cut + n]
-                stretch[:] = PageState.USED
-            short = used_pages - int(np.count_nonzero(self.state == PageState.USED))
+                stretch[:] = PageState.KERNEL
+            short = used_pages - int(np.count_nonzero(self.state == PageState.KERNEL))
             if short > 0:
                 free = np.flatnonzero(self.state == PageState.FREE)[:short]
-                self.state[free] = PageState.USED
+                self.state[free] = PageState.KERNEL
         else:
-            self.state[:used_pages] = PageState.USED
+            self.state[:used_pages] = PageState.KERNEL
         self._cursor = 0
 
     @property
@@ -130,7 +133,7 @@ class GuestAllocator:
         # Several RAM ranges: a dense run may cross from one into the next; split there.
         return compact(self.to_pfns(expand_ranges(dense)))
 
-    def allocate_contiguous(self, n: int, state: PageState = PageState.USED) -> int:
+    def allocate_contiguous(self, n: int, state: PageState = PageState.KERNEL) -> int:
         """The first PFN of ``n`` consecutive free pages, now in ``state`` (kernel memory
         for rings and buffers, which must be physically contiguous)."""
         free = np.empty(self.total_pages + 2, dtype=np.int8)

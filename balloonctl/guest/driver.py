@@ -20,6 +20,10 @@ Where the seed is wrong this model is right, and says so where it differs:
 4. ``tell_host_sgs`` waits for *one* used buffer after its last kick, though earlier chains
    of the same request may still be in flight when the device is slow; a deflate must not
    free pages before the host has all of them (MUST_TELL_HOST). Here it waits for all.
+5. ``tell_host_sgs`` puts a whole request in one chain, so inflating 7 GiB makes a 7 GiB
+   chain; spec 2.7.5.1 says "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes
+   in total", and a checking device (ours) refuses it. Here a chain is closed and a new one
+   started before its buffers pass 2^32 bytes. (Found by the device side's ChainTooLong.)
 """
 
 from __future__ import annotations
@@ -153,7 +157,10 @@ class BalloonDriver:
         queue_size: int = 128,
         features: Sequence[str] | None = None,
         indirect_entries: int = 16,
+        sg_indirect: bool = False,
     ) -> None:
+        """``sg_indirect`` sends an SG request that fits one indirect table through it
+        (Linux's virtqueue_add_sgs), instead of the seed's direct chain."""
         self.mem = mem
         self.allocator = allocator
         self.transport = transport
@@ -166,6 +173,9 @@ class BalloonDriver:
         )
         self.supported = profile.encode(wanted)
         self.indirect_entries = indirect_entries
+        self.sg_indirect = sg_indirect
+        #: When a list, every request is appended as (queue, runs): what the driver meant.
+        self.record: list[tuple[BalloonQueue, RangeArray]] | None = None
         self.acked = 0
         self.queues: dict[BalloonQueue, DriverQueue] = {}
         self.balloon = BalloonStack()
@@ -285,8 +295,14 @@ class BalloonDriver:
             self.allocator.release(np.arange(first, first + count, dtype=np.int64))
         return got
 
+    def _note(self, vq: DriverQueue, runs: RangeArray) -> None:
+        if self.record is not None:
+            role = next(r for r, q in self.queues.items() if q is vq)
+            self.record.append((role, runs.copy()))
+
     def _tell_host(self, vq: DriverQueue, runs: RangeArray) -> None:
         """The legacy tell_host: one buffer of le32 PFNs, kick, wait for it to come back."""
+        self._note(vq, runs)
         pfns = expand_ranges(runs).astype("<u4").tobytes()
         self.mem.write(self._pfns_addr, pfns)
         vq.add_sgs([(self._pfns_addr, len(pfns))], [], token="pfns")
@@ -308,13 +324,25 @@ class BalloonDriver:
         window = self._bitmap[lo : hi + 1]
         set_pages = np.flatnonzero(window) + lo
         window[:] = False  # xb_zero
-        pfns = self.allocator.to_pfns(set_pages.astype(np.int64))
-        chain = OpenChain()
-        for first, count in merge_ranges(pfns).tolist():
-            for start in range(first, first + count, SG_CHUNK_PAGES):
-                n = min(SG_CHUNK_PAGES, first + count - start)
-                vq.add_chain_desc(chain, start << PAGE_SHIFT, n << PAGE_SHIFT)
-        vq.publish_chain(chain, token="sg")
+        runs = merge_ranges(self.allocator.to_pfns(set_pages.astype(np.int64)))
+        self._note(vq, runs)
+        chunks = [
+            (start << PAGE_SHIFT, min(SG_CHUNK_PAGES, first + count - start) << PAGE_SHIFT)
+            for first, count in runs.tolist()
+            for start in range(first, first + count, SG_CHUNK_PAGES)
+        ]
+        if self.sg_indirect and 1 < len(chunks) <= min(vq.indirect_entries, vq.size):
+            vq.add_sgs(chunks, [], token="sg")
+        else:
+            chain = OpenChain()
+            chain_bytes = 0
+            for addr, length in chunks:
+                if chain_bytes + length > spec.MAX_CHAIN_BYTES:  # fix 5
+                    vq.publish_chain(chain, token="sg")
+                    chain, chain_bytes = OpenChain(), 0
+                vq.add_chain_desc(chain, addr, length)
+                chain_bytes = chain_bytes + length if chain.count > 1 else length
+            vq.publish_chain(chain, token="sg")
         vq.kick()
         while vq.in_flight:
             vq.wait_for_used()
@@ -345,6 +373,7 @@ class BalloonDriver:
         for role, pfn in ((BalloonQueue.INFLATE, new_pfn), (BalloonQueue.DEFLATE, old_pfn)):
             vq = self.queues[role]
             if self.use_sg:
+                self._note(vq, np.array([[pfn, 1]], dtype=np.int64))
                 chain = OpenChain()
                 vq.add_chain_desc(chain, pfn << PAGE_SHIFT, PAGE_SIZE)
                 vq.publish_chain(chain, token="page")

@@ -30,6 +30,8 @@ class InvariantError(BalloonError):
 class TestbedConfig:
     """A guest to build."""
 
+    __test__ = False  # not a pytest class, whatever its name
+
     memory: int = 64 << 20
     profile: str = "seed-sg"
     backing: Backing = Backing.BYTES
@@ -38,11 +40,17 @@ class TestbedConfig:
     used: int = 8 << 20
     fragment_pages: int = 0
     indirect_entries: int = 16
+    sg_indirect: bool = False
     seed: int = 0
+    #: Driver features to offer to ack (None: all the seed's driver knows).
+    features: tuple[str, ...] | None = None
+    #: An asynchronous device: a kick only queues work, and the device serves one chain
+    #: each time the driver waits (QEMU's iothread, slowed down to show ordering bugs).
+    deferred: bool = False
 
 
-class _SyncTransport:
-    """The driver's view of the device: each call lands on the device right away."""
+class _Transport:
+    """The driver's view of the device: synchronous, or deferred (see TestbedConfig)."""
 
     def __init__(self, bed: Testbed) -> None:
         self.bed = bed
@@ -58,16 +66,21 @@ class _SyncTransport:
 
     def notify(self, index: int) -> None:
         self.bed.kicks += 1
+        if not self.bed.config.deferred:
+            self._run(index, None)
+
+    def wait(self, index: int) -> None:
+        # Synchronous: the device ran inside notify() and nothing is pending.
+        if self.bed.config.deferred:
+            self._run(index, 1)
+
+    def _run(self, index: int, limit: int | None) -> None:
         device = self.bed.device
         role = device.queue_roles[index]
-        _, interrupt = device.process(role)
+        _, interrupt = device.process(role, limit)
         if interrupt:
             self.bed.interrupts += 1
             self.bed.driver.interrupt(role)
-
-    def wait(self, index: int) -> None:
-        # The device ran inside notify(); nothing is pending. A real wait would sleep.
-        return None
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self.bed.device.read_config(offset, size)
@@ -81,6 +94,8 @@ class _SyncTransport:
 
 class Testbed:
     """Guest memory, the device, the guest's allocator and driver, probed and ready."""
+
+    __test__ = False
 
     def __init__(self, config: TestbedConfig | None = None) -> None:
         self.config = config or TestbedConfig()
@@ -104,10 +119,12 @@ class Testbed:
         self.driver = BalloonDriver(
             self.mem,
             self.allocator,
-            _SyncTransport(self),
+            _Transport(self),
             profile=self.profile,
             queue_size=cfg.queue_size,
             indirect_entries=cfg.indirect_entries,
+            sg_indirect=cfg.sg_indirect,
+            features=cfg.features,
         )
         self._auto = True
         self.driver.probe()
@@ -142,10 +159,10 @@ class Testbed:
         return got
 
     def guest_free(self, pages: int) -> int:
-        """The workload frees up to ``pages`` of what it uses (highest first)."""
+        """The workload frees up to ``pages`` of what it took (highest first); kernel memory
+        (boot, rings, driver buffers) is never freed."""
         used = self.allocator.pages_in(PageState.USED)
-        reserved = int(self.config.used >> PAGE_SHIFT)
-        victims = used[max(reserved, used.size - pages) :]
+        victims = used[max(0, used.size - pages) :]
         self.allocator.release(victims, PageState.USED)
         return int(victims.size)
 

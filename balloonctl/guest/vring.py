@@ -119,7 +119,9 @@ class DriverQueue:
         if not segments:
             raise ValueError("a request needs at least one buffer")
         total = len(segments)
-        if self.indirect_entries and 1 < total <= self.indirect_entries and self.num_free:
+        # 2.7.5.3.1: not even an indirect chain may be longer than the queue size.
+        fits = total <= min(self.indirect_entries, self.size)
+        if self.indirect_entries and total > 1 and fits and self.num_free:
             head = self._take()
             table = self._indirect_base + head * self.indirect_entries * spec.DESC_SIZE
             raw = b"".join(

@@ -214,8 +214,11 @@ class BalloonDevice:
             self.config.poison_val = int(fields[3])
 
     # --- the queues ---------------------------------------------------------------------
-    def process(self, role: BalloonQueue) -> tuple[list[RequestResult], bool]:
-        """Serve every chain available on queue ``role``; return them and whether to notify.
+    def process(
+        self, role: BalloonQueue, limit: int | None = None
+    ) -> tuple[list[RequestResult], bool]:
+        """Serve the chains available on queue ``role`` (at most ``limit``, to model a slow
+        device); return them and whether to notify the driver.
 
         A ring-level VirtioError breaks the device (status NEEDS_RESET, as QEMU's
         virtio_error) and is raised; a broken device serves nothing until reset.
@@ -226,7 +229,9 @@ class BalloonDevice:
         results: list[RequestResult] = []
         used_before = queue.next_used
         try:
-            while (chain := queue.pop()) is not None:
+            served = 0
+            while (limit is None or served < limit) and (chain := queue.pop()) is not None:
+                served += 1
                 self.counters.chains += 1
                 self.counters.descriptors += len(chain)
                 if role is BalloonQueue.STATS:
