@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the plain-Python baseline decoder (slow: seconds)",
     )
     decode.set_defaults(func=_cmd_bench_decode)
+    seed = bench_cmds.add_parser(
+        "seed",
+        help="the seed's experiment: inflate 7 GiB of an 8 GiB guest, pfn vs pfn-compact vs sg",
+    )
+    seed.add_argument("--memory", default="8G", help="guest RAM (default 8G)")
+    seed.add_argument("--inflate", default="7G", help="balloon size to reach (default 7G)")
+    seed.add_argument(
+        "--backing", default="anon", choices=["anon", "memfd"], help="guest RAM (default anon)"
+    )
+    seed.add_argument("--plot", metavar="PNG", help="draw the stage breakdown (matplotlib)")
+    seed.set_defaults(func=_cmd_bench_seed)
     return parser
 
 
@@ -141,6 +152,28 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         python=args.python,
     )
     report = run(config)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_report(report))
+    return EXIT_OK
+
+
+def _cmd_bench_seed(args: argparse.Namespace) -> int:
+    from balloonctl.bench.seed import SeedBenchConfig, format_report, plot, run  # noqa: PLC0415
+    from balloonctl.units import parse_size  # noqa: PLC0415
+    from balloonctl.virtio.memory import Backing  # noqa: PLC0415
+
+    config = SeedBenchConfig(
+        memory=parse_size(args.memory),
+        inflate=parse_size(args.inflate),
+        backing=Backing(args.backing),
+        kernel=min(256 << 20, parse_size(args.memory) // 8),
+    )
+    report = run(config)
+    if args.plot:
+        plot(report, args.plot)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -126,11 +126,14 @@ class GuestAllocator:
                 start += seg.size
             window *= 2
         self._cursor = start
-        dense = _join(np.asarray(runs, dtype=np.int64).reshape(-1, 2))
+        return self.dense_runs_to_pfn_runs(_join(np.asarray(runs, dtype=np.int64).reshape(-1, 2)))
+
+    def dense_runs_to_pfn_runs(self, dense: RangeArray) -> RangeArray:
+        """Runs of dense indices -> runs of PFNs (split where RAM has a hole)."""
         if self.ram.starts.size == 1:
-            dense[:, 0] += int(self.ram.starts[0])
-            return dense
-        # Several RAM ranges: a dense run may cross from one into the next; split there.
+            out = dense.copy()
+            out[:, 0] += int(self.ram.starts[0])
+            return out
         return compact(self.to_pfns(expand_ranges(dense)))
 
     def allocate_contiguous(self, n: int, state: PageState = PageState.KERNEL) -> int:

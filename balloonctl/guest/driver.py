@@ -45,7 +45,7 @@ from balloonctl.virtio import spec
 from balloonctl.virtio.features import Profile, negotiate, queue_layout
 from balloonctl.virtio.memory import GuestMemory
 from balloonctl.virtio.mock import RingLayout
-from balloonctl.virtio.pages import RangeArray, expand_ranges, merge_ranges
+from balloonctl.virtio.pages import RangeArray, expand_ranges
 from balloonctl.virtio.spec import BalloonQueue, StatTag
 
 log = logging.getLogger(__name__)
@@ -322,9 +322,14 @@ class BalloonDriver:
         last page included (fix 2), split at SG_CHUNK_PAGES (fix 1); a full queue
         publishes, kicks and waits (fix 3); every chain is acked before returning (fix 4)."""
         window = self._bitmap[lo : hi + 1]
-        set_pages = np.flatnonzero(window) + lo
+        padded = np.zeros(window.size + 2, dtype=np.int8)
+        padded[1:-1] = window
+        edges = np.flatnonzero(np.diff(padded))  # run starts and ends, alternating
         window[:] = False  # xb_zero
-        runs = merge_ranges(self.allocator.to_pfns(set_pages.astype(np.int64)))
+        dense = np.empty((edges.size // 2, 2), dtype=np.int64)
+        dense[:, 0] = edges[0::2] + lo
+        dense[:, 1] = edges[1::2] - edges[0::2]
+        runs = self.allocator.dense_runs_to_pfn_runs(dense)
         self._note(vq, runs)
         chunks = [
             (start << PAGE_SHIFT, min(SG_CHUNK_PAGES, first + count - start) << PAGE_SHIFT)

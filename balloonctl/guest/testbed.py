@@ -97,11 +97,14 @@ class Testbed:
 
     __test__ = False
 
-    def __init__(self, config: TestbedConfig | None = None) -> None:
+    def __init__(self, config: TestbedConfig | None = None, mem: GuestMemory | None = None) -> None:
+        """``mem``: guest memory made beforehand (a benchmark makes it resident first); the
+        testbed then uses it and does not close it."""
         self.config = config or TestbedConfig()
         cfg = self.config
         self.profile: Profile = get_profile(cfg.profile)
-        self.mem = GuestMemory.simple(cfg.memory, cfg.backing)
+        self._owns_mem = mem is None
+        self.mem = mem if mem is not None else GuestMemory.simple(cfg.memory, cfg.backing)
         self.kicks = 0
         self.interrupts = 0
         self.device = BalloonDevice(
@@ -130,8 +133,9 @@ class Testbed:
         self.driver.probe()
 
     def close(self) -> None:
-        """Release guest memory."""
-        self.mem.close()
+        """Release guest memory (if the testbed made it)."""
+        if self._owns_mem:
+            self.mem.close()
 
     def __enter__(self) -> Testbed:
         return self

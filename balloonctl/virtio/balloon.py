@@ -66,6 +66,10 @@ class DeviceCounters:
     discard_syscalls: int = 0
     discarded_bytes: int = 0
     stats_updates: int = 0
+    #: The seed's device-side stages, in seconds: PFNs to checked RAM ranges ("address
+    #: translation") and giving them back to the host ("madvise").
+    translate_s: float = 0.0
+    discard_s: float = 0.0
     #: Skipped pages (or buffers) by reason.
     rejected: Counter[str] = field(default_factory=Counter)
 
@@ -258,7 +262,10 @@ class BalloonDevice:
         self.counters.pfn_bytes += got.pfn_bytes
         inflate = role is BalloonQueue.INFLATE
         balloon = None if role is BalloonQueue.REPORTING else self.balloon
+        t0 = time.perf_counter()
         done = got.classify(self.ram, balloon, inflate=inflate)
+        t1 = time.perf_counter()
+        self.counters.translate_s += t1 - t0
         rejections = done.rejections
         self.counters.rejected.update(rejection_pages(rejections))
         if role is BalloonQueue.DEFLATE:
@@ -271,6 +278,7 @@ class BalloonDevice:
             else:
                 self.counters.pages_reported += done.pages
             self._discard(done.ranges)
+            self.counters.discard_s += time.perf_counter() - t1
         return RequestResult(role, chain.head, done.ranges, rejections)
 
     def _mark(self, ranges: RangeArray, value: bool) -> None:
