@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -122,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_vring_parse(args: argparse.Namespace) -> int:
+    """Parse one queue of a ring image; exit 3 on a ring-level finding."""
     from balloonctl.virtio.inspect import Decode, RingParams, parse_ring  # noqa: PLC0415
     from balloonctl.virtio.memory import GuestMemory, Region  # noqa: PLC0415
 
     try:
+        # Only regular files: a FIFO would block in open(), a device reports size 0.
+        if not stat.S_ISREG(os.stat(args.image).st_mode):
+            raise UsageError(f"image {args.image} is not a regular file")
         region = Region.from_file(args.base, args.image)
     except OSError as exc:
         raise UsageError(f"cannot read image {args.image}: {exc.strerror}") from exc
@@ -141,6 +147,7 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    """Time device-side decoding of a large inflate, PFN vs SG."""
     from balloonctl.bench.decode import DecodeBenchConfig, format_report, run  # noqa: PLC0415
     from balloonctl.units import parse_size  # noqa: PLC0415
 
@@ -161,6 +168,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_seed(args: argparse.Namespace) -> int:
+    """Replay the seed's experiment on the driver and device models."""
     from balloonctl.bench.seed import SeedBenchConfig, format_report, plot, run  # noqa: PLC0415
     from balloonctl.units import parse_size  # noqa: PLC0415
     from balloonctl.virtio.memory import Backing  # noqa: PLC0415
@@ -205,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("detail", exc_info=True)
         print(f"balloonctl: error: {exc}", file=sys.stderr)
         return exit_code(exc)
+    except MemoryError:
+        print("balloonctl: error: out of memory", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

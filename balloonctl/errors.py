@@ -11,6 +11,7 @@ The tree::
     +-- GuestMemoryError            host-side access outside guest memory; a bug if it escapes
     |                               the device code, which checks bounds first
     +-- NegotiationError            the device refuses FEATURES_OK (spec 2.2.1, 3.1.1)
+    +-- PeerError                   QEMU or libvirt answered something balloonctl cannot use
     +-- GuestModelError             the in-process guest cannot go on: its queue is full with
     |                               nothing to wait for, or the device never returned a buffer
     +-- VirtioError                 a guest broke the ring protocol; the device stops the
@@ -58,6 +59,11 @@ class GuestMemoryError(BalloonError):
 
 class NegotiationError(BalloonError):
     """The device refuses the driver's feature set at FEATURES_OK."""
+
+
+class PeerError(BalloonError):
+    """A peer (QEMU, libvirt) answered with something malformed: the operation failed,
+    the user did nothing wrong (exit 1, not 2)."""
 
 
 class GuestModelError(BalloonError):
@@ -111,7 +117,7 @@ class NextOutOfRange(VirtioError):
 
 
 class DescriptorLoop(VirtioError):
-    """A chain visits more descriptors than its table holds (spec 2.7.5.1)."""
+    """A chain visits more descriptors than its table holds (spec 2.7.5.2)."""
 
 
 class BufferOutOfBounds(VirtioError):
@@ -123,7 +129,7 @@ class ZeroLengthBuffer(VirtioError):
 
 
 class ChainTooLong(VirtioError):
-    """A chain's buffers add up to more than 2**32 bytes (spec 2.7.5.1)."""
+    """A chain's buffers add up to more than 2**32 bytes (spec 2.7.5.2)."""
 
 
 class IndirectTableInvalid(VirtioError):

@@ -25,7 +25,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGN
 
 def parse_size(text: str) -> int:
     """Return ``text`` (``4096``, ``512MiB``, ``1.5G``) as a number of bytes."""
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.match(text) if text.isascii() else None
     if match is None:
         raise UsageError(f"not a size: {text!r} (examples: 1536M, 1.5G, 512MiB, 4096)")
     number, suffix, tail = match.groups()
@@ -41,6 +41,8 @@ def parse_size(text: str) -> int:
 def parse_int(text: str, *, what: str = "number", limit: int = U64_MAX) -> int:
     """Return a non-negative integer written in decimal or ``0x`` hex (GPAs, indices)."""
     cleaned = text.strip().replace("_", "")
+    if not cleaned.isascii():  # int() would read other scripts' digits
+        raise UsageError(f"{what} {text!r} is not a decimal or 0x-hex number")
     try:
         value = int(cleaned, 16) if cleaned.lower().startswith("0x") else int(cleaned, 10)
     except ValueError:

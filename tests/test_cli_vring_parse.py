@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -206,12 +207,12 @@ def test_usage_errors_exit_2_with_one_line(
 
 
 def test_installed_command_has_no_traceback(tmp_path: Path) -> None:
-    # The real console entry point, in a real process.
+    # The installed console script, in a real process.
+    script = Path(sys.executable).parent / "balloonctl"
+    assert script.exists(), "balloonctl is not installed beside this interpreter"
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "balloonctl.cli",
+            str(script),
             "vring",
             "parse",
             str(tmp_path / "none"),
@@ -278,3 +279,33 @@ def test_loop_through_32768_descriptors(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 3
     assert out["error"]["type"] == "DescriptorLoop"
     assert out["chains"] == []
+
+
+def test_fifo_image_is_refused_not_waited_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "ring.fifo"
+    os.mkfifo(fifo)
+    code = main([*ARGV[:2], str(fifo), *ARGV[3:], *USED])
+    assert code == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_non_ascii_digits_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "vring",
+                "parse",
+                "x.img",
+                "--queue-size",
+                "\u0663\u0662",
+                "--desc",
+                "0",
+                "--avail",
+                "0",
+                "--used",
+                "0",
+            ]
+        )
+    assert info.value.code == 2

@@ -175,3 +175,10 @@ def test_parse_size_rounds_down_even_with_many_digits() -> None:
     # Regression (helper review): Decimal's 28-digit context rounded this up to 1024.
     # 0.99999999999999999999999999999 KiB is 1023.99... bytes: rounded down, 1023.
     assert parse_size("0.99999999999999999999999999999K") == 1023
+
+
+def test_non_ascii_digits_are_not_numbers() -> None:
+    with pytest.raises(UsageError):
+        parse_int("\u0663\u0662")
+    with pytest.raises(UsageError):
+        parse_size("\u0661G")

@@ -57,6 +57,8 @@ def balloon_pages(config: DecodeBenchConfig) -> PfnArray:
     first = RESERVED >> PAGE_SHIFT
     total = config.memory >> PAGE_SHIFT
     want = config.inflate >> PAGE_SHIFT
+    if want < 1:
+        raise UsageError("--inflate must be at least one page (4 KiB)")
     if want > total - first:
         raise UsageError(
             f"cannot inflate {format_size(config.inflate)} of {format_size(config.memory)}: "

@@ -21,7 +21,7 @@ Where the seed is wrong this model is right, and says so where it differs:
    of the same request may still be in flight when the device is slow; a deflate must not
    free pages before the host has all of them (MUST_TELL_HOST). Here it waits for all.
 5. ``tell_host_sgs`` puts a whole request in one chain, so inflating 7 GiB makes a 7 GiB
-   chain; spec 2.7.5.1 says "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes
+   chain; spec 2.7.5.2 says "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes
    in total", and a checking device (ours) refuses it. Here a chain is closed and a new one
    started before its buffers pass 2^32 bytes. (Found by the device side's ChainTooLong.)
 """

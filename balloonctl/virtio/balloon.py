@@ -1,8 +1,9 @@
 """The balloon device: features, queues, config space, and what inflating really does.
 
 It keeps its own record of which guest pages are in the balloon (a bitmap over RAM pages),
-independent of what the driver claims in ``actual``: a guest cannot make it discard a page
-twice, deflate a page it never gave, or touch anything outside RAM. Inflated pages are given
+independent of what the driver claims in ``actual``: a guest cannot make it inflate a page
+twice, deflate a page it never gave, or touch anything outside RAM. (Free page reporting
+discards free pages, ballooned or not: discarding is idempotent.) Inflated pages are given
 back to the host for real (``madvise``/punch-hole, see ``memory.py``), one call per page as
 QEMU 7.2 does or one per merged range as Firecracker does, selectable so the cost of each can
 be measured.
@@ -183,6 +184,7 @@ class BalloonDevice:
             used,
             event_idx=self.has("ring-event-idx"),
             indirect=self.has("ring-indirect-desc"),
+            notify_on_empty=self.has("notify-on-empty"),
         )
         self.queues[roles[index]] = queue
         return queue
@@ -271,13 +273,17 @@ class BalloonDevice:
         if role is BalloonQueue.DEFLATE:
             self._mark(done.ranges, False)
             self.counters.pages_deflated += done.pages
-        else:
-            if inflate:
-                self._mark(done.ranges, True)
-                self.counters.pages_inflated += done.pages
-            else:
-                self.counters.pages_reported += done.pages
+        elif inflate:
+            self._mark(done.ranges, True)
+            self.counters.pages_inflated += done.pages
             self._discard(done.ranges)
+        else:
+            self.counters.pages_reported += done.pages
+            # 5.5.6.7.2: with PAGE_POISON the device MUST NOT change a reported page to
+            # anything but poison_val, and a discard reads back as zeroes. QEMU skips the
+            # discard when poison_val is not 0; so does this device.
+            if not (self.has("page-poison") and self.config.poison_val):
+                self._discard(done.ranges)
             self.counters.discard_s += time.perf_counter() - t1
         return RequestResult(role, chain.head, done.ranges, rejections)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from balloonctl.errors import NegotiationError, UsageError
+from balloonctl.errors import NegotiationError, PeerError, UsageError
 from balloonctl.virtio import spec
 from balloonctl.virtio.spec import BalloonQueue
 
@@ -281,12 +281,13 @@ def check_features_ok(
     offered: int,
     acked: int,
     *,
-    require_version_1: bool = True,
+    require_version_1: bool = False,
     require_must_tell_host: bool = False,
 ) -> None:
     """Raise :class:`NegotiationError` where a device would refuse FEATURES_OK.
 
-    ``require_version_1`` is a modern (non-transitional) device; ``require_must_tell_host``
+    ``require_version_1`` is a modern-only device (QEMU's virtio-balloon-pci is transitional,
+    hence the default); ``require_must_tell_host``
     a device that relies on being told before the guest reuses a page (5.5.3.2).
     """
     extra = acked & ~offered
@@ -315,9 +316,11 @@ def queue_layout(profile: Profile, acked: int) -> tuple[BalloonQueue, ...]:
     """The queues a negotiated balloon has, in index order.
 
     5.5.2 numbers them 0 inflateq, 1 deflateq, 2 statsq, 3 free_page_vq, 4 reporting_vq, each
-    of the last three only if its feature is acked. Linux and QEMU give the present ones
-    consecutive indices, so with STATS_VQ and REPORTING but no FREE_PAGE_HINT the reporting
-    queue is index 3, as x-query-virtio-queue-status shows on QEMU 7.2.
+    of the last three only if its feature is acked. Linux numbers the queues it finds
+    consecutively by acked features; QEMU always creates the stats queue and the others by
+    offered features. The two agree whenever the driver acks what is offered (Linux does), so
+    with STATS_VQ and REPORTING but no FREE_PAGE_HINT the reporting queue is index 3, as
+    x-query-virtio-queue-status shows on QEMU 7.2.
     """
     queues = [BalloonQueue.INFLATE, BalloonQueue.DEFLATE]
     for role, feature in _QUEUE_FEATURE.items():
@@ -366,10 +369,10 @@ def parse_qemu_features(obj: Mapping[str, object]) -> QemuFeatures:
     for key in ("transports", "dev-features"):
         strings = obj.get(key, [])
         if not isinstance(strings, list):
-            raise UsageError(f"x-query-virtio-status: {key!r} is not a list")
+            raise PeerError(f"x-query-virtio-status: {key!r} is not a list")
         for item in strings:
             if not isinstance(item, str):
-                raise UsageError(f"x-query-virtio-status: {key!r} holds a non-string")
+                raise PeerError(f"x-query-virtio-status: {key!r} holds a non-string")
             macro, sep, _ = item.partition(":")
             token = macro.strip() if sep else item.strip()
             feature = _BY_STRING.get(token)
@@ -383,6 +386,6 @@ def parse_qemu_features(obj: Mapping[str, object]) -> QemuFeatures:
                 hint = "virtio-1.2"
     unknown = obj.get("unknown-dev-features", 0)
     if not isinstance(unknown, int) or isinstance(unknown, bool) or unknown < 0:
-        raise UsageError("x-query-virtio-status: 'unknown-dev-features' is not a bit mask")
+        raise PeerError("x-query-virtio-status: 'unknown-dev-features' is not a bit mask")
     mask |= unknown & FEATURE_WORD_MASK
     return QemuFeatures(mask=mask, profile_hint=hint, unrecognised=tuple(unrecognised))

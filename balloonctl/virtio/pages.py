@@ -103,11 +103,6 @@ class RamMap:
         in_ram = (k >= 0) & (delta < self.counts[kc])
         return in_ram, self.offsets[kc] + delta
 
-    def range_in_ram(self, first: int, count: int) -> bool:
-        """Whether every page of ``first .. first+count-1`` is RAM."""
-        k = int(np.searchsorted(self.starts, first, side="right")) - 1
-        return k >= 0 and first + count <= int(self.starts[k] + self.counts[k])
-
 
 @dataclass(frozen=True, slots=True)
 class Rejection:

@@ -58,11 +58,6 @@ class Descriptor:
         """Device-writable (VIRTQ_DESC_F_WRITE); otherwise device-readable."""
         return bool(self.flags & spec.VIRTQ_DESC_F_WRITE)
 
-    @property
-    def has_next(self) -> bool:
-        """The chain continues at ``next`` (VIRTQ_DESC_F_NEXT)."""
-        return bool(self.flags & spec.VIRTQ_DESC_F_NEXT)
-
 
 @dataclass(frozen=True, slots=True)
 class Chain:
@@ -141,6 +136,7 @@ class SplitQueue:
         event_idx: bool = False,
         indirect: bool = True,
         read_only: bool = False,
+        notify_on_empty: bool = False,
     ) -> None:
         # Configuration, in DESIGN.md's order: size, then alignment, then bounds.
         # 2.7: "Queue Size value is always a power of 2. The maximum Queue Size value is 32768."
@@ -172,6 +168,7 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.read_only = read_only
+        self.notify_on_empty = notify_on_empty
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.next_used = mem.read_u16(used + spec.USED_IDX_OFF)
         self._table = _Table(mem, desc, size)
@@ -261,7 +258,7 @@ class SplitQueue:
         out: list[Descriptor] = []
         while True:
             visited += 1
-            # 2.7.5.1: loops are forbidden; a chain can never be longer than its table.
+            # 2.7.5.2: loops are forbidden; a chain can never be longer than its table.
             if visited > table.entries:
                 where = "indirect table" if in_indirect else "descriptor table"
                 raise DescriptorLoop(
@@ -364,7 +361,7 @@ class SplitQueue:
                 )
             else:
                 readable += length
-            # 2.7.5.1: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes".
+            # 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes".
             if readable + writable > spec.MAX_CHAIN_BYTES:
                 raise ChainTooLong(
                     f"chain {head} is longer than 2^32 bytes at descriptor {index}",
@@ -429,6 +426,10 @@ class SplitQueue:
         """
         new = self.next_used
         old, self._signalled_used = self._signalled_used, new
+        # 6.3 (legacy VIRTIO_F_NOTIFY_ON_EMPTY): interrupt whenever the device runs out of
+        # buffers, whatever the suppression says (QEMU's virtio_split_should_notify).
+        if self.notify_on_empty and not self.in_flight and not self.pending():
+            return True
         if self.event_idx:
             if old is None:
                 return True

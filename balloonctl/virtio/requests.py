@@ -190,7 +190,9 @@ class StatsBuffer:
 def decode_stats(mem: GuestMemory, chain: Chain) -> StatsBuffer:
     """5.5.6.3: a device-readable buffer of packed ``{le16 tag; le64 val}`` entries.
 
-    A tag given twice keeps its last value, as QEMU's ``balloon_stats_poll_cb`` does.
+    A tag given twice keeps its last value, as QEMU's ``balloon_stats_poll_cb`` does. The
+    device "MUST ignore" tags it does not know (5.5.6.3): they are kept by number for display
+    only, and nothing acts on them.
     """
     require_direction(chain, writable=False, queue="stats")
     rejections: list[Rejection] = []

@@ -17,7 +17,7 @@ MAX_QUEUE_SIZE: Final = 32768
 DESC_ALIGN: Final = 16
 AVAIL_ALIGN: Final = 2
 USED_ALIGN: Final = 4
-#: 2.7.5.1: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total".
+#: 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total".
 MAX_CHAIN_BYTES: Final = 1 << 32
 
 # 2.7.5 The Virtqueue Descriptor Table: struct virtq_desc { le64 addr; le32 len; le16 flags;

@@ -152,12 +152,19 @@ def test_wrong_direction_breaks_the_device(rig: Rig) -> None:
 
 
 def test_virtio_1_2_never_reads_bit_3_as_sg() -> None:
-    rig = make_rig(VIRTIO_1_2, backing=Backing.BYTES)
-    # Bit 3 is not offered by default, so acking it is refused; either way the form is PFN.
-    with pytest.raises(errors.NegotiationError):
-        rig.dev.set_features(rig.dev.offered | 1 << spec.VIRTIO_BALLOON_F_FREE_PAGE_HINT)
-    assert rig.dev.form.value == "pfn"
-    rig.mem.close()
+    # A virtio-1.2 device that offers bit 3 (free-page-hint) and a driver that acks it:
+    # the device still decodes PFN arrays, never SG chunks.
+    with GuestMemory.simple(RAM) as mem:
+        bit3 = 1 << spec.VIRTIO_BALLOON_F_FREE_PAGE_HINT
+        dev = BalloonDevice(mem, offered=VIRTIO_1_2.default_offered_mask | bit3)
+        dev.set_features(dev.offered)
+        assert dev.acked & bit3
+        assert dev.has("free-page-hint") and not dev.has("sg")
+        assert dev.form.value == "pfn"
+    with GuestMemory.simple(RAM) as mem:
+        dev = BalloonDevice(mem, profile=SEED_SG)
+        dev.set_features(dev.offered)
+        assert dev.acked & bit3 and dev.form.value == "sg"
 
 
 # --- the seed's SG chunks ------------------------------------------------------------------
@@ -371,3 +378,34 @@ def test_inflate_in_ram_at_an_unaligned_base() -> None:
         assert results[0].ranges.tolist() == [[5, 1]]
         assert [(r.reason, r.first_pfn) for r in results[0].rejections] == [("out-of-ram", 0)]
         assert dev.balloon_pages == 1
+
+
+def test_reporting_keeps_poisoned_pages(rig: Rig) -> None:
+    # 5.5.6.7.2: with PAGE_POISON and a poison value, reported pages must keep it.
+    assert rig.dev.has("page-poison")
+    rig.dev.write_config(spec.CONFIG_POISON_VAL_OFF, b"\xaa" * 4)
+    rig.mem.write(256 * PAGE_SIZE, b"\xaa" * PAGE_SIZE)
+    rig.send(BalloonQueue.REPORTING, [(256 * PAGE_SIZE, PAGE_SIZE, True)])
+    rig.dev.process(BalloonQueue.REPORTING)
+    assert rig.mem.read(256 * PAGE_SIZE, PAGE_SIZE) == b"\xaa" * PAGE_SIZE
+    assert rig.dev.counters.pages_reported == 1
+    rig.dev.write_config(spec.CONFIG_POISON_VAL_OFF, bytes(4))  # no poison: discard again
+    rig.send(BalloonQueue.REPORTING, [(256 * PAGE_SIZE, PAGE_SIZE, True)])
+    rig.dev.process(BalloonQueue.REPORTING)
+    assert rig.mem.read(256 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+
+
+def test_notify_on_empty(rig: Rig) -> None:
+    # Legacy NOTIFY_ON_EMPTY: the driver is interrupted when the device runs dry, even if
+    # it asked for no interrupts.
+    with GuestMemory.simple(RAM) as mem:
+        dev = BalloonDevice(mem)
+        dev.set_features(VIRTIO_1_2.encode(["notify-on-empty"]))
+        layout = RingLayout.packed(16)
+        driver = MockDriverQueue(mem, layout)
+        dev.attach_queue(0, 16, layout.desc, layout.avail, layout.used)
+        driver.set_avail_flags(spec.VIRTQ_AVAIL_F_NO_INTERRUPT)
+        mem.write(0x8000, pfn_array([500]))
+        driver.add_chain([(0x8000, 4, False)])
+        _, notify = dev.process(BalloonQueue.INFLATE)
+        assert notify

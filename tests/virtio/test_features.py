@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balloonctl.errors import NegotiationError, UsageError
+from balloonctl.errors import NegotiationError, PeerError, UsageError
 from balloonctl.virtio.features import (
     PROFILES,
     SEED_SG,
@@ -155,8 +155,8 @@ def test_acked_subset_of_offered_is_accepted() -> None:
 
 
 def test_version_1_offered_but_not_acked() -> None:
-    with pytest.raises(NegotiationError, match="version-1"):
-        check_features_ok(VIRTIO_1_2, STATS_VQ | VERSION_1, STATS_VQ)
+    # Transitional by default (QEMU's virtio-balloon-pci): a legacy driver may go without it.
+    check_features_ok(VIRTIO_1_2, STATS_VQ | VERSION_1, STATS_VQ)
     with pytest.raises(NegotiationError, match="version-1"):
         check_features_ok(VIRTIO_1_2, STATS_VQ | VERSION_1, STATS_VQ, require_version_1=True)
     # A transitional device lets a legacy driver go without it.
@@ -358,5 +358,11 @@ def test_parse_qemu_features_unknown_bits_are_masked_to_64() -> None:
     ],
 )
 def test_parse_qemu_features_rejects_malformed(obj: dict[str, object]) -> None:
-    with pytest.raises(UsageError, match="x-query-virtio-status"):
+    with pytest.raises(PeerError, match="x-query-virtio-status"):
         parse_qemu_features(obj)
+
+
+def test_malformed_qemu_reply_is_a_peer_error_not_a_usage_error() -> None:
+    with pytest.raises(PeerError) as info:
+        parse_qemu_features({"transports": "not a list"})
+    assert not isinstance(info.value, UsageError)

@@ -404,9 +404,11 @@ def test_event_idx_avail_event_and_no_notify(ring: Ring) -> None:
     assert queue.pop() is not None
     avail_event = ring.layout.used + spec.avail_event_offset(8)
     assert ring.mem.read_u16(avail_event) == 1  # kick me when avail.idx passes 1
-    plain = ring.driver.device_queue()
+    plain = ring.driver.device_queue(last_avail_idx=1)  # the first chain is consumed
     plain.set_notification(False)
     assert ring.mem.read_u16(ring.layout.used) & spec.VIRTQ_USED_F_NO_NOTIFY
+    assert plain.enable_notification() is False  # nothing new yet
+    plain.set_notification(False)
     ring.driver.add_chain([(buf, 4, False)])
     assert plain.enable_notification() is True  # something arrived while disabled
     assert not ring.mem.read_u16(ring.layout.used) & spec.VIRTQ_USED_F_NO_NOTIFY
