@@ -7,6 +7,7 @@ Exit codes (DESIGN.md): 0 done; 1 the operation failed; 2 usage or configuration
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -138,6 +139,9 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
     except GuestMemoryError as exc:
         raise UsageError(str(exc)) from exc
     params = RingParams(args.queue_size, args.desc, args.avail, args.used, args.last_avail)
+    # The result is millions of small acyclic lists at worst (32768 chains of 256 ranges):
+    # the cyclic collector would rescan them over and over (3.5 of 10 s measured). Off.
+    gc.disable()
     with GuestMemory([region]) as mem:
         result = parse_ring(mem, params, Decode(args.decode))
     # vring parse is a machine-readable diagnostic: JSON with or without --json. dumps, not

@@ -8,6 +8,7 @@ neighbours into ``(first_pfn, count)``.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -27,6 +28,10 @@ BAD_LENGTH: Final = "bad-length"
 UNALIGNED: Final = "unaligned"
 #: Codes for the per-page reason array (0 = accepted), in the order reasons are decided.
 _CODES: Final = (None, OUT_OF_RAM, DUPLICATE, NOT_IN_BALLOON)
+#: Rejected runs listed one by one per request; the rest are summed per reason. A hostile
+#: chain can name millions of scattered bad pages, and listing each would cost more than
+#: the whole protocol (and print hundreds of MB from ``vring parse``).
+MAX_LISTED_RUNS: Final = 256
 
 
 def merge_ranges(pfns: PfnArray, steps: PfnArray | None = None) -> RangeArray:
@@ -115,12 +120,21 @@ class Rejection:
     count: int = 0
     #: For bad-length and unaligned: the offending byte count or buffer, in words.
     detail: str = ""
+    #: A summary of runs not listed (MAX_LISTED_RUNS): ``count`` pages from ``descriptor``
+    #: on, no ``first_pfn``.
+    summary: bool = False
+
+    @property
+    def pages(self) -> int:
+        """Pages this rejection stands for (0 for a whole-buffer one: bad-length, ...)."""
+        return self.count if self.first_pfn is not None or self.summary else 0
 
     def to_json(self) -> dict[str, object]:
         """The ``rejected`` entry of ``vring parse`` output."""
         out: dict[str, object] = {"reason": self.reason, "descriptor": self.descriptor}
-        if self.first_pfn is not None:
-            out["first_pfn"] = self.first_pfn
+        if self.first_pfn is not None or self.summary:
+            if self.first_pfn is not None:
+                out["first_pfn"] = self.first_pfn
             out["count"] = self.count
         if self.detail:
             out["detail"] = self.detail
@@ -215,8 +229,153 @@ def classify_runs(
                 merged[:, 0] = firsts[bounds]
                 merged[:, 1] = np.add.reduceat(counts, bounds)
                 return Classified(merged, ())
-    pfns = expand_ranges(runs)
-    return classify(pfns, np.repeat(source, runs[:, 1]), ram, balloon, inflate=inflate)
+    return _classify_overlapping(runs, source, ram, balloon, inflate=inflate)
+
+
+def _owners(runs: RangeArray) -> list[tuple[int, int, int]]:
+    """``(start, end, run_index)``: each page's first occurrence is the lowest-indexed run
+    covering it. A sweep over run boundaries with a heap: O(k log k) in the number of
+    runs, never in pages (a hostile chain can name a million pages many times over)."""
+    events = sorted(
+        [(int(f), 0, i) for i, f in enumerate(runs[:, 0].tolist())]
+        + [(int(f + n), 1, i) for i, (f, n) in enumerate(runs.tolist())]
+    )
+    active: list[int] = []
+    ended: set[int] = set()
+    owned: list[tuple[int, int, int]] = []
+    prev = None
+    for pos, kind, i in events:
+        while active and active[0] in ended:
+            heapq.heappop(active)
+        if prev is not None and active and pos > prev:
+            owner = active[0]
+            if owned and owned[-1][2] == owner and owned[-1][1] == prev:
+                owned[-1] = (owned[-1][0], pos, owner)
+            else:
+                owned.append((prev, pos, owner))
+        if kind == 0:
+            heapq.heappush(active, i)
+        else:
+            ended.add(i)
+        prev = pos
+    return owned
+
+
+def _classify_overlapping(
+    runs: RangeArray,
+    source: PfnArray,
+    ram: RamMap,
+    balloon: npt.NDArray[np.bool_] | None,
+    *,
+    inflate: bool,
+) -> Classified:
+    """:func:`classify` semantics for runs that may overlap or leave RAM, without expanding
+    them to pages: per run, the parts it owns are accepted (or rejected as out of RAM, or
+    against the balloon), the parts an earlier run owns are duplicates."""
+    by_run: dict[int, list[tuple[int, int]]] = {}
+    for start, end, owner in _owners(runs):
+        by_run.setdefault(owner, []).append((start, end))
+    accepted: list[tuple[int, int]] = []
+    pieces: list[tuple[str, int, int, int]] = []  # (reason, descriptor, first, count)
+    for i, (first, count) in enumerate(runs.tolist()):
+        desc = int(source[i])
+        cursor = first
+        for start, end in [*by_run.get(i, []), (first + count, first + count)]:
+            if start > cursor:  # not owned: an earlier run named these pages
+                pieces.extend(_split_ram(ram, cursor, start, desc, DUPLICATE))
+            for lo, hi, in_ram in _ram_parts(ram, start, end):
+                if not in_ram:
+                    pieces.append((OUT_OF_RAM, desc, lo, hi - lo))
+                elif balloon is None:
+                    accepted.append((lo, hi - lo))
+                else:
+                    _against_balloon(ram, balloon, lo, hi, desc, inflate, accepted, pieces)
+            cursor = max(cursor, end)
+    merged: list[Rejection] = []
+    for reason, desc, lo, n in pieces:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.reason == reason
+            and last.descriptor == desc
+            and last.first_pfn is not None
+            and last.first_pfn + last.count == lo
+        ):
+            merged[-1] = Rejection(reason, desc, last.first_pfn, last.count + n)
+        else:
+            merged.append(Rejection(reason, desc, lo, n))
+    ranges = np.asarray(sorted(accepted), dtype=np.int64).reshape(-1, 2)
+    return Classified(_join_ranges(ranges), _cap(merged))
+
+
+def _ram_parts(ram: RamMap, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+    """``[lo, hi)`` cut where RAM starts and ends: ``(lo, hi, in_ram)`` pieces in order."""
+    out: list[tuple[int, int, bool]] = []
+    if lo >= hi:
+        return out
+    for start, count in zip(ram.starts.tolist(), ram.counts.tolist(), strict=True):
+        end = start + count
+        if end <= lo or start >= hi:
+            continue
+        if start > lo:
+            out.append((lo, start, False))
+        out.append((max(lo, start), min(hi, end), True))
+        lo = min(hi, end)
+    if lo < hi:
+        out.append((lo, hi, False))
+    return out
+
+
+def _split_ram(
+    ram: RamMap, lo: int, hi: int, desc: int, reason: str
+) -> list[tuple[str, int, int, int]]:
+    """A repeated stretch: its RAM pages are ``reason``, the rest out of RAM (checked
+    first, as :func:`classify` does)."""
+    return [
+        (reason if in_ram else OUT_OF_RAM, desc, a, b - a)
+        for a, b, in_ram in _ram_parts(ram, lo, hi)
+    ]
+
+
+def _against_balloon(
+    ram: RamMap,
+    balloon: npt.NDArray[np.bool_],
+    lo: int,
+    hi: int,
+    desc: int,
+    inflate: bool,
+    accepted: list[tuple[int, int]],
+    pieces: list[tuple[str, int, int, int]],
+) -> None:
+    """Split an owned RAM stretch by the balloon bitmap (one numpy pass over its pages)."""
+    _, dense = ram.locate(np.array([lo], dtype=np.int64))
+    start = int(dense[0])
+    bad = balloon[start : start + hi - lo]
+    if not inflate:
+        bad = ~bad
+    padded = np.zeros(bad.size + 2, dtype=np.int8)
+    padded[1:-1] = bad
+    edges = (np.flatnonzero(np.diff(padded)) + lo).tolist()
+    cursor = lo
+    for a, b in zip(edges[0::2], edges[1::2], strict=True):
+        if a > cursor:
+            accepted.append((cursor, a - cursor))
+        pieces.append((DUPLICATE if inflate else NOT_IN_BALLOON, desc, a, b - a))
+        cursor = b
+    if cursor < hi:
+        accepted.append((cursor, hi - cursor))
+
+
+def _join_ranges(ranges: RangeArray) -> RangeArray:
+    """Sorted disjoint ranges with touching neighbours merged."""
+    if len(ranges) < 2:
+        return ranges
+    ends = ranges[:, 0] + ranges[:, 1]
+    starts = np.concatenate(([0], np.flatnonzero(ranges[1:, 0] != ends[:-1]) + 1))
+    out = np.empty((starts.size, 2), dtype=np.int64)
+    out[:, 0] = ranges[starts, 0]
+    out[:, 1] = np.add.reduceat(ranges[:, 1], starts)
+    return out
 
 
 def _runs_consistent(
@@ -248,9 +407,45 @@ def _group(
     brk = np.flatnonzero((np.diff(p) != 1) | (np.diff(s) != 0) | (np.diff(c) != 0)) + 1
     starts = np.concatenate(([0], brk))
     counts = np.diff(np.concatenate((starts, [bad.size])))
-    return tuple(
+    listed = [
         Rejection(
             reason=str(_CODES[int(c[i])]), descriptor=int(s[i]), first_pfn=int(p[i]), count=int(n)
         )
-        for i, n in zip(starts.tolist(), counts.tolist(), strict=True)
+        for i, n in zip(
+            starts[:MAX_LISTED_RUNS].tolist(), counts[:MAX_LISTED_RUNS].tolist(), strict=True
+        )
+    ]
+    if starts.size > MAX_LISTED_RUNS:
+        rest = int(starts[MAX_LISTED_RUNS])
+        for code_value in np.unique(c[rest:]).tolist():
+            where = np.flatnonzero(c[rest:] == code_value)
+            runs = int(np.count_nonzero(c[starts[MAX_LISTED_RUNS:]] == code_value))
+            listed.append(
+                _summary(str(_CODES[code_value]), int(s[rest + where[0]]), where.size, runs)
+            )
+    return tuple(listed)
+
+
+def _summary(reason: str, descriptor: int, pages: int, runs: int) -> Rejection:
+    return Rejection(
+        reason,
+        descriptor,
+        count=pages,
+        detail=f"{runs} more runs from descriptor {descriptor} on, not listed",
+        summary=True,
     )
+
+
+def _cap(rejections: list[Rejection]) -> tuple[Rejection, ...]:
+    """At most MAX_LISTED_RUNS page runs listed; the rest summed per reason."""
+    runs = [r for r in rejections if r.first_pfn is not None]
+    if len(runs) <= MAX_LISTED_RUNS:
+        return tuple(rejections)
+    keep = set(map(id, runs[:MAX_LISTED_RUNS]))
+    out = [r for r in rejections if r.first_pfn is None or id(r) in keep]
+    rest: dict[str, list[Rejection]] = {}
+    for r in runs[MAX_LISTED_RUNS:]:
+        rest.setdefault(r.reason, []).append(r)
+    for reason, group in rest.items():
+        out.append(_summary(reason, group[0].descriptor, sum(r.count for r in group), len(group)))
+    return tuple(out)

@@ -10,14 +10,16 @@ the descriptor's index; the caller then treats the queue as broken, as QEMU's
 
 All work is bounded by the queue size. A chain visits at most N descriptors of the table
 and at most N entries of one indirect table. Across the chains in flight (popped, not yet
-returned), a legal driver can never have more than N table descriptors (each belongs to one
-chain) nor more indirect entries than guest memory holds tables for, so those totals are
-checked too: without that, N available entries all naming one N-long chain would cost N*N.
+returned) a legal driver can never have more than N table descriptors (each belongs to one
+chain), nor two indirect tables that overlap (each table is its request's own memory until
+the device returns it), so both are checked too: without that, N available entries all
+naming one N-long chain, or one N-entry table, would cost N*N.
 Unlike rust-vmm's iterator, which silently ends a bad chain, a bad chain here is an error.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -174,10 +176,10 @@ class SplitQueue:
         self._table = _Table(mem, desc, size)
         self._signalled_used: int | None = None
         # In-flight accounting (see the module docstring): head -> [(table, indirect), ...].
-        self._in_flight: dict[int, list[tuple[int, int]]] = {}
+        self._in_flight: dict[int, list[tuple[int, tuple[int, int, int] | None]]] = {}
         self._in_flight_table = 0
-        self._in_flight_indirect = 0
-        self._indirect_budget = mem.size // spec.DESC_SIZE
+        # Indirect tables in flight: sorted, disjoint (start, end, head).
+        self._tables: list[tuple[int, int, int]] = []
 
     # --- the available ring ------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -229,20 +231,22 @@ class SplitQueue:
                 f"the table's {self.size}: the driver reuses descriptors the device holds",
                 head=chain.head,
             )
-        indirect = self._in_flight_indirect + chain.indirect_entries
-        if indirect > self._indirect_budget:
-            assert chain.indirect is not None
-            raise IndirectTableInvalid(
-                f"chain {chain.head}'s indirect table brings the indirect entries in flight to "
-                f"{indirect}, more than guest memory holds distinct tables for",
-                head=chain.head,
-                index=chain.indirect.index,
-            )
-        self._in_flight.setdefault(chain.head, []).append(
-            (chain.table_descriptors, chain.indirect_entries)
-        )
+        table_span = None
+        if chain.indirect is not None:
+            start, end = chain.indirect.addr, chain.indirect.addr + chain.indirect.len
+            i = bisect.bisect_left(self._tables, (start, end, -1))
+            for near in self._tables[max(0, i - 1) : i + 1]:
+                if near[0] < end and start < near[1]:
+                    raise IndirectTableInvalid(
+                        f"indirect table {start:#x}+{chain.indirect.len:#x} of chain "
+                        f"{chain.head} overlaps the table of chain {near[2]}, still in flight",
+                        head=chain.head,
+                        index=chain.indirect.index,
+                    )
+            table_span = (start, end, chain.head)
+            self._tables.insert(i, table_span)
+        self._in_flight.setdefault(chain.head, []).append((chain.table_descriptors, table_span))
         self._in_flight_table = table
-        self._in_flight_indirect = indirect
 
     def _walk(self, head: int) -> Chain:
         """Follow a chain from ``head``, checking each descriptor as DESIGN.md orders it."""
@@ -399,11 +403,12 @@ class SplitQueue:
         counts = self._in_flight.get(head)
         if not counts:
             raise ValueError(f"chain {head} is not in flight")
-        table, indirect = counts.pop()
+        table, span = counts.pop()
         if not counts:
             del self._in_flight[head]
         self._in_flight_table -= table
-        self._in_flight_indirect -= indirect
+        if span is not None:
+            self._tables.remove(span)
         slot = self.next_used % self.size
         elem = self.used + spec.USED_RING_OFF + spec.USED_ELEM_SIZE * slot
         self.mem.write_u32(elem, head)

@@ -223,5 +223,5 @@ def rejection_pages(rejections: Sequence[Rejection]) -> dict[str, int]:
     """Rejections summed by reason: pages where they name pages, else occurrences."""
     totals: dict[str, int] = {}
     for r in rejections:
-        totals[r.reason] = totals.get(r.reason, 0) + (r.count if r.first_pfn is not None else 1)
+        totals[r.reason] = totals.get(r.reason, 0) + (r.pages or 1)
     return totals

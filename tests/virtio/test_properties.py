@@ -761,7 +761,7 @@ def run_cases(draw: st.DrawFn) -> tuple[np.ndarray, RamMap, np.ndarray, bool]:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(run_cases(), st.booleans())
 def test_classify_runs_matches_classify(
     case: tuple[np.ndarray, RamMap, np.ndarray, bool], with_balloon: bool
