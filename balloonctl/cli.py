@@ -14,7 +14,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from balloonctl import __version__
 from balloonctl.errors import BalloonError, GuestMemoryError, UsageError, VirtioError
@@ -162,12 +162,17 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         repeat=max(1, args.repeat),
         python=args.python,
     )
-    report = run(config)
+    return _emit(args, run(config), format_report)
+
+
+def _emit(
+    args: argparse.Namespace, report: dict[str, Any], table: Callable[[dict[str, Any]], str]
+) -> int:
+    """A report as one JSON object (--json) or as the command's table."""
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
-        sys.stdout.write(format_report(report))
+        sys.stdout.write(table(report))
     return EXIT_OK
 
 
@@ -186,12 +191,7 @@ def _cmd_bench_seed(args: argparse.Namespace) -> int:
     report = run(config)
     if args.plot:
         plot(report, args.plot)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(format_report(report))
-    return EXIT_OK
+    return _emit(args, report, format_report)
 
 
 def exit_code(exc: BalloonError) -> int:

@@ -18,7 +18,14 @@ from enum import IntEnum
 
 import numpy as np
 
-from balloonctl.virtio.pages import PfnArray, RamMap, RangeArray, compact, expand_ranges
+from balloonctl.virtio.pages import (
+    PfnArray,
+    RamMap,
+    RangeArray,
+    compact,
+    expand_ranges,
+    join_ranges,
+)
 
 
 class PageState(IntEnum):
@@ -126,7 +133,9 @@ class GuestAllocator:
                 start += seg.size
             window *= 2
         self._cursor = start
-        return self.dense_runs_to_pfn_runs(_join(np.asarray(runs, dtype=np.int64).reshape(-1, 2)))
+        return self.dense_runs_to_pfn_runs(
+            join_ranges(np.asarray(runs, dtype=np.int64).reshape(-1, 2))
+        )
 
     def dense_runs_to_pfn_runs(self, dense: RangeArray) -> RangeArray:
         """Runs of dense indices -> runs of PFNs (split where RAM has a hole)."""
@@ -176,15 +185,3 @@ class GuestAllocator:
     def pages_in(self, state: PageState) -> PfnArray:
         """Every page in ``state``, ascending."""
         return self.to_pfns(np.flatnonzero(self.state == state).astype(np.int64))
-
-
-def _join(runs: RangeArray) -> RangeArray:
-    """Merge runs that touch (a free run found in two scan windows is one run)."""
-    if len(runs) < 2:
-        return runs
-    ends = runs[:, 0] + runs[:, 1]
-    starts = np.concatenate(([0], np.flatnonzero(runs[1:, 0] != ends[:-1]) + 1))
-    out = np.empty((starts.size, 2), dtype=np.int64)
-    out[:, 0] = runs[starts, 0]
-    out[:, 1] = np.add.reduceat(runs[:, 1], starts)
-    return out

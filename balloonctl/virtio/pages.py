@@ -305,7 +305,7 @@ def _classify_overlapping(
         else:
             merged.append(Rejection(reason, desc, lo, n))
     ranges = np.asarray(sorted(accepted), dtype=np.int64).reshape(-1, 2)
-    return Classified(_join_ranges(ranges), _cap(merged))
+    return Classified(join_ranges(ranges), _cap(merged))
 
 
 def _ram_parts(ram: RamMap, lo: int, hi: int) -> list[tuple[int, int, bool]]:
@@ -366,7 +366,7 @@ def _against_balloon(
         accepted.append((cursor, hi - cursor))
 
 
-def _join_ranges(ranges: RangeArray) -> RangeArray:
+def join_ranges(ranges: RangeArray) -> RangeArray:
     """Sorted disjoint ranges with touching neighbours merged."""
     if len(ranges) < 2:
         return ranges
