@@ -775,3 +775,53 @@ def test_classify_runs_matches_classify(
     )
     assert fast.ranges.tolist() == slow.ranges.tolist()
     assert fast.rejections == slow.rejections
+
+
+# --- render_ring_json: the CLI's fast JSON is exactly parse_ring's ------------------------
+@settings(max_examples=200, deadline=None)
+@given(mutated_rings(), st.sampled_from(list(Decode)))
+def test_render_ring_json_equals_parse_ring(case: RingCase, decode: Decode) -> None:
+    import json  # noqa: PLC0415
+
+    from balloonctl.virtio.inspect import render_ring_json  # noqa: PLC0415
+
+    with GuestMemory.from_image(bytes(case.image), base=case.base) as mem:
+        params = RingParams(case.size, case.desc, case.avail, case.used, case.last_avail)
+        assert json.loads(render_ring_json(mem, params, decode)) == parse_ring(mem, params, decode)
+
+
+def test_render_ranges_json_edge_values() -> None:
+    from balloonctl.virtio.inspect import _ranges_json  # noqa: PLC0415
+
+    arrays = [
+        np.empty((0, 2), dtype=np.int64),
+        np.array([[0, 1], [9, 10], [99, 100], [2**52 - 1, 123456789]], dtype=np.int64),
+        np.empty((0, 2), dtype=np.int64),
+        np.array([[10**17, 1]], dtype=np.int64),
+    ]
+    assert _ranges_json(arrays) == [
+        "[]",
+        "[[0,1],[9,10],[99,100],[4503599627370495,123456789]]",
+        "[]",
+        "[[100000000000000000,1]]",
+    ]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 2**52 - 1), st.integers(1, 2**32)), min_size=0, max_size=12
+        ),
+        min_size=0,
+        max_size=8,
+    )
+)
+def test_render_ranges_json_matches_json_module(chains: list[list[tuple[int, int]]]) -> None:
+    import json  # noqa: PLC0415
+
+    from balloonctl.virtio.inspect import _ranges_json  # noqa: PLC0415
+
+    arrays = [np.asarray(c, dtype=np.int64).reshape(-1, 2) for c in chains]
+    expected = [json.dumps([list(r) for r in c], separators=(",", ":")) for c in chains]
+    assert _ranges_json(arrays) == expected
