@@ -109,8 +109,9 @@ def parse_ring(mem: GuestMemory, params: RingParams, decode: Decode) -> dict[str
     return {"chains": [out for out, _ in chains], "error": error}
 
 
-def render_ring_json(mem: GuestMemory, params: RingParams, decode: Decode) -> str:
-    """:func:`parse_ring` as compact JSON text, fast where the output is huge.
+def render_ring_json(mem: GuestMemory, params: RingParams, decode: Decode) -> tuple[str, bool]:
+    """:func:`parse_ring` as compact JSON text, fast where the output is huge, and whether
+    it stopped at a ring-level error.
 
     A legal 64 MiB ring can name 8 million page ranges (32768 chains of 256 scattered
     pages); as Python lists and through the json module that is most of 10 s. Here the
@@ -127,7 +128,7 @@ def render_ring_json(mem: GuestMemory, params: RingParams, decode: Decode) -> st
     for text, part in zip(texts, parts[1:], strict=True):
         pieces.append(text)
         pieces.append(part)
-    return "".join(pieces)
+    return "".join(pieces), error is not None
 
 
 def _ranges_json(arrays: list[RangeArray]) -> list[str]:

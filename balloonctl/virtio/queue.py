@@ -83,11 +83,6 @@ class Chain:
     def __len__(self) -> int:
         return len(self.descriptors)
 
-    @property
-    def indirect_entries(self) -> int:
-        """Entries of the indirect table this chain used (0 without one)."""
-        return self.indirect.len // spec.DESC_SIZE if self.indirect is not None else 0
-
 
 class _Table:
     """A descriptor table known to lie in guest memory; reads entries without copying."""

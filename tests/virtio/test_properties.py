@@ -787,7 +787,10 @@ def test_render_ring_json_equals_parse_ring(case: RingCase, decode: Decode) -> N
 
     with GuestMemory.from_image(bytes(case.image), base=case.base) as mem:
         params = RingParams(case.size, case.desc, case.avail, case.used, case.last_avail)
-        assert json.loads(render_ring_json(mem, params, decode)) == parse_ring(mem, params, decode)
+        text, finding = render_ring_json(mem, params, decode)
+        expected = parse_ring(mem, params, decode)
+        assert json.loads(text) == expected
+        assert finding is (expected["error"] is not None)
 
 
 def test_render_ranges_json_edge_values() -> None:
