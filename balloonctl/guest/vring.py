@@ -247,7 +247,13 @@ class DriverQueue:
         return entry.token, written
 
     def wait_for_used(self) -> tuple[object, int]:
-        """Block (let the device run) until a buffer comes back: the seed's kick_sync."""
+        """Block (let the device run) until a buffer comes back: the seed's kick_sync.
+
+        Whatever was published and not yet kicked is kicked first: waiting on buffers the
+        device was never told about would wait forever (a chain closed at 2^32 bytes is
+        published before the request's last kick)."""
+        if self.num_added:
+            self.kick()
         for _ in range(self._max_waits):
             got = self.get_buf()
             if got is not None:

@@ -266,8 +266,7 @@ class BalloonDevice:
         balloon = None if role is BalloonQueue.REPORTING else self.balloon
         t0 = time.perf_counter()
         done = got.classify(self.ram, balloon, inflate=inflate)
-        t1 = time.perf_counter()
-        self.counters.translate_s += t1 - t0
+        self.counters.translate_s += time.perf_counter() - t0
         rejections = done.rejections
         self.counters.rejected.update(rejection_pages(rejections))
         if role is BalloonQueue.DEFLATE:
@@ -284,7 +283,6 @@ class BalloonDevice:
             # discard when poison_val is not 0; so does this device.
             if not (self.has("page-poison") and self.config.poison_val):
                 self._discard(done.ranges)
-            self.counters.discard_s += time.perf_counter() - t1
         return RequestResult(role, chain.head, done.ranges, rejections)
 
     def _mark(self, ranges: RangeArray, value: bool) -> None:
@@ -298,18 +296,20 @@ class BalloonDevice:
     def _discard(self, ranges: RangeArray) -> None:
         """Give accepted pages back to the host; every one was checked to be RAM."""
         counters = self.counters
+        t0 = time.perf_counter()
         if self.discard is DiscardStrategy.PER_RANGE:
             for first, count in ranges.tolist():
                 result = self.mem.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
                 counters.discard_syscalls += result.syscalls
                 counters.discarded_bytes += result.length
-            return
-        page = 1 << PAGE_SHIFT
-        discard = self.mem.discard
-        for first, count in ranges.tolist():
-            for pfn in range(first, first + count):
-                counters.discard_syscalls += discard(pfn << PAGE_SHIFT, page).syscalls
-            counters.discarded_bytes += count * page
+        else:
+            page = 1 << PAGE_SHIFT
+            discard = self.mem.discard
+            for first, count in ranges.tolist():
+                for pfn in range(first, first + count):
+                    counters.discard_syscalls += discard(pfn << PAGE_SHIFT, page).syscalls
+                counters.discarded_bytes += count * page
+        counters.discard_s += time.perf_counter() - t0
 
     def _take_stats(self, queue: SplitQueue, head: int, stats: StatsBuffer) -> None:
         # 5.5.6.3: the device keeps the buffer until it wants fresh stats, then returns it

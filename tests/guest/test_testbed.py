@@ -91,9 +91,8 @@ def test_queue_fills_mid_chain() -> None:
 
 
 def test_slow_device_gets_every_chain_before_the_driver_moves_on() -> None:
-    # Deferred device: one chain served per wait. The seed waited for one buffer after its
-    # last kick (fix 4 in driver.py), and dropped a run on -ENOSPC (fix 3); either would
-    # leave the device's balloon short of the guest's.
+    # Deferred device, queue of 4: every full chain is published, kicked and waited for
+    # before the next (the queue-full path), and a deflate still tells the host first.
     with bed(profile="seed-sg", deferred=True, queue_size=4, fragment_pages=3, used=24 << 20) as b:
         b.set_target(2500)
         b.check()
@@ -102,11 +101,16 @@ def test_slow_device_gets_every_chain_before_the_driver_moves_on() -> None:
         assert b.driver.queues[BalloonQueue.INFLATE].in_flight == 0
 
 
-def test_run_of_4_gib_or_more_is_split() -> None:
+@pytest.mark.parametrize("deferred", [False, True])
+def test_run_of_4_gib_or_more_is_split(deferred: bool) -> None:
     # One contiguous run of 5 GiB. The seed's uint32_t sg_size would be 1 GiB (5 GiB mod
-    # 2**32): the device would balloon 1 GiB of the 5 the guest gave.
+    # 2**32): the device would balloon 1 GiB of the 5 the guest gave. Split at 2**32 bytes
+    # a chain (fix 5), the request is two chains behind one kick; with a slow device the
+    # seed's single wait after that kick would leave the second unserved (fix 4).
     pages = 5 << 18
-    with bed(profile="seed-sg", memory=6 << 30, backing=Backing.ANON, used=64 << 20) as b:
+    with bed(
+        profile="seed-sg", memory=6 << 30, backing=Backing.ANON, used=64 << 20, deferred=deferred
+    ) as b:
         b.driver.record = []
         b.set_target(pages)
         b.check()
@@ -166,19 +170,19 @@ def test_must_tell_host_order(profile: str) -> None:
     # When the device reads a deflate request, the guest must not have those pages back yet.
     with bed(profile=profile) as b:
         b.set_target(3000)
-        seen: list[bool] = []
+        seen: list[int] = []
         real = b.device.process
 
         def spy(role: BalloonQueue, limit: int | None = None):  # type: ignore[no-untyped-def]
             if role is BalloonQueue.DEFLATE:
-                seen.append(bool((b.allocator.state == PageState.FREE).sum() < 1e9))
-                still = b.allocator.count(PageState.BALLOON)
-                assert still == b.device.balloon_pages  # not one released yet
+                # The guest still counts as ballooned every page the device holds.
+                seen.append(b.allocator.count(PageState.BALLOON))
+                assert seen[-1] == b.device.balloon_pages
             return real(role, limit)
 
         b.device.process = spy  # type: ignore[method-assign]
         b.set_target(100)
-        assert seen  # the spy ran
+        assert seen and seen[0] == 3000  # the spy ran, before any page went back
         b.check()
 
 
@@ -199,11 +203,13 @@ def test_migration(profile: str) -> None:
         old = int(b.driver.balloon.all_runs()[0, 0]) + 7
         new = b.driver.migrate(old)
         b.check()
-        assert b.allocator.state[b.allocator.to_dense(np.array([old]))[0]] == PageState.FREE
+        old_i, new_i = b.allocator.to_dense(np.array([old, new])).tolist()
+        assert b.allocator.state[old_i] == PageState.FREE
+        # The device was told both halves: it holds the new page and gave the old one back.
+        assert b.device.balloon[new_i] and not b.device.balloon[old_i]
         assert b.device.balloon_pages == 300
         with pytest.raises(GuestModelError):
             b.driver.migrate(old)  # no longer in the balloon
-        assert new != old
 
 
 def _grouped(
@@ -271,3 +277,28 @@ def test_rings_parse_back_to_what_the_driver_meant(profile: str, sg_indirect: bo
             assert table < consumed  # indirect tables were used: fewer table descriptors
         else:
             assert table == consumed
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fresh_chain_on_a_full_queue_waits_instead_of_dropping_the_run(deferred: bool) -> None:
+    # Queue of 4; four 1 GiB runs fill one chain to exactly 2**32 bytes and every
+    # descriptor; the fifth run starts a fresh chain on a full queue. The seed's
+    # virtqueue_add_chain_desc returns -ENOSPC there and tell_host_sgs ignores it: the run
+    # is lost (fix 3). The driver must kick what it published and wait instead.
+    gib = 1 << 18  # pages
+    with bed(
+        profile="seed-sg",
+        memory=6 << 30,
+        backing=Backing.ANON,
+        used=64 << 20,
+        queue_size=4,
+        deferred=deferred,
+    ) as b:
+        state = b.allocator.state
+        state[:] = PageState.KERNEL
+        starts = [(1 << 16) + k * (gib + 1) for k in range(5)]
+        for s in starts:
+            state[s : s + gib] = PageState.FREE
+        b.set_target(5 * gib)
+        b.check()
+        assert b.device.balloon_pages == 5 * gib
