@@ -291,8 +291,7 @@ class BalloonDriver:
         else:
             self._tell_host(vq, runs)
         # release_pages_balloon: only now do the pages go back to the guest.
-        for first, count in runs.tolist():
-            self.allocator.release(np.arange(first, first + count, dtype=np.int64))
+        self.allocator.release(expand_ranges(runs))
         return got
 
     def _note(self, vq: DriverQueue, runs: RangeArray) -> None:
