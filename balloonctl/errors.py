@@ -12,6 +12,10 @@ The tree::
     |                               the device code, which checks bounds first
     +-- NegotiationError            the device refuses FEATURES_OK (spec 2.2.1, 3.1.1)
     +-- PeerError                   QEMU or libvirt answered something balloonctl cannot use
+    +-- VmUnreachable               no connection to the VM's QMP socket or libvirt (exit 1)
+    |   +-- ConnectionLost          an established connection dropped mid-operation
+    +-- CommandFailed               the VM refused a command: QMP/libvirt error, class + text
+    +-- OperationTimeout            a wait ended before the VM got there (exit 1)
     +-- GuestModelError             the in-process guest cannot go on: its queue is full with
     |                               nothing to wait for, or the device never returned a buffer
     +-- VirtioError                 a guest broke the ring protocol; the device stops the
@@ -64,6 +68,33 @@ class NegotiationError(BalloonError):
 class PeerError(BalloonError):
     """A peer (QEMU, libvirt) answered with something malformed: the operation failed,
     the user did nothing wrong (exit 1, not 2)."""
+
+
+class VmUnreachable(BalloonError):
+    """The VM cannot be reached: no socket, connection refused, handshake failed (exit 1).
+
+    The daemon treats it as a VM that is gone for now, not as a bug.
+    """
+
+
+class ConnectionLost(VmUnreachable):
+    """The connection dropped while a command was in flight; its outcome is unknown."""
+
+
+class CommandFailed(BalloonError):
+    """The VM answered a command with an error (QMP ``error``, a libvirt error).
+
+    ``error_class`` is QMP's class (``GenericError``, ``DeviceNotActive``, ...) or the
+    libvirt error's code name, so callers can tell "no balloon" from other refusals.
+    """
+
+    def __init__(self, message: str, *, error_class: str = "GenericError") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class OperationTimeout(BalloonError):
+    """A wait ran out before the VM reached what was asked (exit 1)."""
 
 
 class GuestModelError(BalloonError):

@@ -1,0 +1,1 @@
+"""Ways to reach a VM: the Backend protocol and its QMP and libvirt implementations."""

@@ -1,0 +1,98 @@
+"""What the CLI and the daemon need from a VM, whatever reaches it (QMP or libvirt).
+
+A backend is an asyncio object bound to one VM. It speaks in bytes and in balloonctl's
+names (DESIGN.md's stat names without ``stat-``, feature names with hyphens) so that
+nothing above it knows which library is underneath. Every failure is a
+:class:`~balloonctl.errors.BalloonError`: ``VmUnreachable``/``ConnectionLost`` when the VM
+cannot be talked to, ``CommandFailed`` when it refuses, ``PeerError`` when it answers
+nonsense. Backends import only ``errors``, ``units`` and their own library (DESIGN.md),
+plus ``virtio.features`` for decoding feature words, which has no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStats:
+    """One reading of the guest's statistics.
+
+    ``stats`` maps DESIGN.md names (``free-memory``, ``available-memory``, ``total-memory``,
+    ``disk-caches``, ``swap-in``, ...) to bytes (memory) or counts (faults, hugetlb);
+    statistics the guest does not report are absent, never -1. ``last_update`` is the
+    guest's timestamp of the reading (Unix seconds), 0 if it never reported.
+    """
+
+    last_update: int
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureState:
+    """The balloon's feature bits as the device offers them and the driver acked them.
+
+    ``profile`` is ``virtio-1.2`` or ``seed-sg`` (how bit 3 reads: DESIGN.md). ``offered``
+    and ``acked`` are feature names in bit order (device bits first, then transport bits);
+    ``unknown_offered``/``unknown_acked`` are bits balloonctl has no name for.
+    ``driver_ok`` says whether a driver is running (acked is empty before it is).
+    """
+
+    profile: str
+    offered: tuple[str, ...]
+    acked: tuple[str, ...]
+    driver_ok: bool
+    unknown_offered: int = 0
+    unknown_acked: int = 0
+    #: QOM path of the virtio backend, e.g. /machine/peripheral/balloon0/virtio-backend.
+    device_path: str = ""
+
+
+class Backend(Protocol):
+    """One VM's balloon. Use as ``async with backend:`` (connects, then closes)."""
+
+    #: The VM as the user named it (socket address, domain name).
+    name: str
+
+    async def __aenter__(self) -> Backend: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def actual(self) -> int:
+        """Guest memory now, in bytes (RAM minus the balloon): ``query-balloon``."""
+
+    async def max_memory(self) -> int:
+        """The VM's RAM in bytes: the largest target that means anything."""
+
+    async def set_target(self, target: int) -> None:
+        """Ask for ``target`` bytes of guest memory. Returns at once; never retried."""
+
+    async def stats(self) -> GuestStats:
+        """The guest's latest statistics (turn polling on first: ``set_stats_period``)."""
+
+    async def stats_period(self) -> int:
+        """The stats polling interval in seconds; 0 means off."""
+
+    async def set_stats_period(self, seconds: int) -> None:
+        """Set the polling interval (0 turns polling off)."""
+
+    async def features(self) -> FeatureState:
+        """Offered and acked feature bits of the balloon."""
+
+    async def renegotiate(
+        self, enable: Collection[str], disable: Collection[str]
+    ) -> FeatureState:
+        """Replug the balloon offering ``enable`` and not ``disable`` (feature names as in
+        :class:`FeatureState`: ``deflate-on-oom``, ``page-reporting``, ``sg``, ...; the
+        backend maps them to device properties); the guest re-probes.
+        Refuses (``CommandFailed``) before touching the VM when the balloon's bus cannot
+        hotplug. Returns the features after the guest's driver is back."""
+
+    def watch_actual(self) -> AbstractAsyncContextManager[AsyncIterator[int]]:
+        """``BALLOON_CHANGE`` events' ``actual`` values, from now on, while the context lasts.
+
+        Bounded: a consumer that falls behind loses old values, never memory.
+        """
