@@ -52,6 +52,15 @@ _index = _argument(lambda text: parse_int(text, what="index", limit=0xFFFF))
 _count = _argument(lambda text: parse_int(text, what="number"))
 
 
+def _parse_size(text: str) -> int:
+    from balloonctl.units import parse_size  # noqa: PLC0415
+
+    return parse_size(text)
+
+
+_size = _argument(_parse_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = _Parser(
@@ -91,6 +100,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to read each chain's buffers (default: pfn)",
     )
     parse.set_defaults(func=_cmd_vring_parse)
+
+    sim = commands.add_parser(
+        "sim",
+        help="serve simulated VMs on QMP sockets (no hypervisor needed)",
+        description=(
+            "Serve a simulated VM behind a real QMP unix socket: the guest driver model and "
+            "the device side, in real time, answering QEMU 7.2's balloon subset. Runs until "
+            "SIGTERM or QMP quit."
+        ),
+    )
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--qmp", metavar="PATH", help="the VM's QMP unix socket")
+    where.add_argument("--qmp-dir", metavar="DIR", help="serve --count VMs as DIR/vmN.sock")
+    sim.add_argument("--count", type=_count, default=1, help="VMs to serve with --qmp-dir")
+    sim.add_argument("--memory", default="2G", type=_size, help="guest RAM (default 2G)")
+    sim.add_argument(
+        "--profile",
+        default="seed-sg",
+        choices=["seed-sg", "virtio-1.2"],
+        help="seed-sg offers VIRTIO_BALLOON_F_SG (bit 3); virtio-1.2 is what QEMU offers "
+        "with deflate-on-oom=on,free-page-reporting=on (default seed-sg)",
+    )
+    sim.add_argument(
+        "--workload",
+        default="idle",
+        choices=["idle", "steady", "spiky", "leak", "cache"],
+        help="what the guest's programs do with memory (default idle; see README)",
+    )
+    sim.add_argument(
+        "--rate", default="1G", type=_size, help="inflate/deflate speed per second (default 1G)"
+    )
+    sim.add_argument(
+        "--no-hotplug",
+        dest="hotplug",
+        action="store_false",
+        help="put the balloon on pcie.0, which cannot hotplug (negotiate then refuses)",
+    )
+    sim.set_defaults(func=_cmd_sim)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", metavar="NAME", parser_class=_Parser)
@@ -147,6 +194,33 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
     # vring parse is a machine-readable diagnostic: JSON with or without --json.
     sys.stdout.write(text + "\n")
     return EXIT_FINDING if finding else EXIT_OK
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    """Serve simulated VMs until SIGTERM or quit."""
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl.sim.guest import GuestSpec  # noqa: PLC0415
+    from balloonctl.sim.machine import VmSpec  # noqa: PLC0415
+    from balloonctl.sim.runner import layout, serve  # noqa: PLC0415
+
+    if args.memory < 64 << 20:
+        raise UsageError("--memory must be at least 64M")
+    if args.rate <= 0:
+        raise UsageError("--rate must be positive")
+    if args.qmp_dir is not None and not os.path.isdir(args.qmp_dir):
+        raise UsageError(f"--qmp-dir {args.qmp_dir} is not a directory")
+    base = VmSpec(
+        profile=args.profile,
+        guest=GuestSpec(memory=args.memory, workload=args.workload),
+        rate=args.rate,
+        hotplug=args.hotplug,
+    )
+    vms = layout(base, args.qmp, args.count, args.qmp_dir)
+    try:
+        return asyncio.run(serve(vms))
+    except OSError as exc:
+        raise UsageError(f"cannot serve QMP: {exc.strerror or exc}") from exc
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:

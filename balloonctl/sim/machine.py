@@ -1,0 +1,341 @@
+"""A simulated VM: guest RAM, a hot-pluggable balloon, and its QMP monitor's balloon subset.
+
+Replies follow QEMU 7.2 (``softmmu/balloon.c``, ``hw/virtio/virtio-balloon.c``,
+``hw/virtio/virtio-qmp.c``, ``qom/qom-qmp-cmds.c``, ``softmmu/qdev-monitor.c``) shape for
+shape and error for error; ``fixtures/transcripts/qemu-7.2/`` holds what a real QEMU said
+and ``tests/sim/test_transcripts.py`` holds the sim to it. The VM is what QEMU would run
+with ``-machine q35 -device pcie-root-port,id=rp1,... -device
+virtio-balloon-pci,id=balloon0,bus=rp1,...`` (or on ``pcie.0``, which cannot hotplug).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from balloonctl import __version__
+from balloonctl.errors import CommandFailed
+from balloonctl.sim import qom
+from balloonctl.sim.balloon import PROPERTIES, SimBalloon
+from balloonctl.sim.guest import GuestSpec, SimGuest
+from balloonctl.sim.qmp_server import Command, JsonObject, Param, QmpServer
+from balloonctl.units import PAGE_SHIFT, PAGE_SIZE
+from balloonctl.virtio import spec
+from balloonctl.virtio.features import get_profile
+
+log = logging.getLogger(__name__)
+
+QEMU_VERSION: Final = {"major": 7, "minor": 2, "micro": 0}
+#: A real QEMU names its Debian package here; the sim says what it is.
+PACKAGE: Final = f"balloonctl-sim {__version__}"
+BALLOON_DRIVER: Final = "virtio-balloon-pci"
+HOTPLUG_BUS: Final = "rp1"
+ROOT_BUS: Final = "pcie.0"
+#: Hot-unplug: the guest's pciehp handles the request and QEMU finalizes the device
+#: (real-qemu-lab.md: DEVICE_DELETED about 0.55 s after device_del).
+UNPLUG_DELAY_S: Final = 0.5
+#: A hot-plugged balloon reaches DRIVER_OK ~25 ms after device_add; at boot, a few seconds.
+PLUG_PROBE_S: Final = 0.025
+NO_BALLOON: Final = "No balloon device has been activated"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One simulated VM: ``balloonctl sim`` options."""
+
+    name: str = "sim"
+    profile: str = "seed-sg"
+    guest: GuestSpec = field(default_factory=GuestSpec)
+    #: Inflate/deflate speed, bytes a second.
+    rate: int = 1 << 30
+    #: The balloon's bus: on a pcie-root-port it can be replugged; on pcie.0 it cannot.
+    hotplug: bool = True
+    boot_probe_s: float = 0.2
+
+
+def default_props(profile: str) -> dict[str, bool]:
+    """``--profile virtio-1.2``: ``deflate-on-oom=on,free-page-reporting=on`` (4 queues);
+    ``--profile seed-sg``: ``deflate-on-oom=on,sg=on``."""
+    props = {name: default for name, (_, default) in PROPERTIES[profile].items()}
+    props["deflate-on-oom"] = True
+    if profile == "virtio-1.2":
+        props["free-page-reporting"] = True
+    return props
+
+
+def _on_off(value: object) -> bool:
+    # device_add takes QemuOpts strings ("on"/"off"/"true"/...) or JSON booleans.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in ("on", "yes", "true", "y"):
+        return True
+    if isinstance(value, str) and value in ("off", "no", "false", "n"):
+        return False
+    raise CommandFailed(f"Parameter '{value}' expects 'on' or 'off'")
+
+
+class SimMachine:
+    """A running simulated VM."""
+
+    def __init__(self, spec_: VmSpec, on_quit: Callable[[SimMachine], None]) -> None:
+        self.spec = spec_
+        self.profile = get_profile(spec_.profile)
+        self.guest = SimGuest(spec_.guest, time.monotonic)
+        self.ram = spec_.guest.memory
+        self._on_quit = on_quit
+        self.balloon: SimBalloon | None = None
+        self.qmp = QmpServer(self._commands(), QEMU_VERSION, PACKAGE)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.running = False
+
+    # --- life cycle -----------------------------------------------------------------------
+    async def start(self, qmp_path: str) -> None:
+        """Boot: plug the balloon (the guest probes it shortly), start the workload, listen."""
+        self.balloon = self._new_balloon(
+            "balloon0",
+            HOTPLUG_BUS if self.spec.hotplug else ROOT_BUS,
+            default_props(self.spec.profile),
+        )
+        self.balloon.start(self.spec.boot_probe_s)
+        self._tasks.append(asyncio.create_task(self._workload()))
+        await self.qmp.start(qmp_path)
+        self.running = True
+        log.info("%s: serving QMP on %s", self.spec.name, qmp_path)
+
+    async def stop(self) -> None:
+        """Power off: hang up QMP, stop the tasks, release guest RAM."""
+        self.running = False
+        for task in self._tasks:
+            task.cancel()
+        if self.balloon is not None:
+            self.balloon.close()
+        await self.qmp.close()
+        self.guest.close()
+
+    def _new_balloon(self, dev_id: str, bus: str, props: Mapping[str, bool]) -> SimBalloon:
+        return SimBalloon(
+            self.guest,
+            self.profile,
+            dev_id=dev_id,
+            bus=bus,
+            props=props,
+            rate=self.spec.rate,
+            on_actual=self._actual_changed,
+        )
+
+    async def _workload(self) -> None:
+        while True:
+            self.guest.step()
+            await asyncio.sleep(0.5)
+
+    def _actual_changed(self, actual_pages: int) -> None:
+        # virtio_balloon_set_config: BALLOON_CHANGE carries the guest's size, not the
+        # balloon's, and goes through the monitor's 1 s throttle.
+        self.qmp.emit("BALLOON_CHANGE", {"actual": self.ram - (actual_pages << PAGE_SHIFT)})
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _need_balloon(self) -> SimBalloon:
+        if self.balloon is None:
+            raise CommandFailed(NO_BALLOON, error_class="DeviceNotActive")
+        return self.balloon
+
+    def _virtio_backend(self, path: str) -> SimBalloon:
+        # virtio-qmp.c: qmp_find_virtio_device
+        balloon = self.balloon
+        if balloon is None or path != qom.backend_path(balloon.dev_id):
+            raise CommandFailed(f"Path {path} is not a VirtIODevice")
+        return balloon
+
+    # --- commands -------------------------------------------------------------------------------
+    def _commands(self) -> dict[str, Command]:
+        table: list[tuple[str, Any, tuple[Param, ...], bool]] = [
+            ("query-balloon", self._query_balloon, (), False),
+            ("balloon", self._balloon, (Param("value", "int"),), False),
+            ("query-status", self._query_status, (), False),
+            ("query-version", self._query_version, (), False),
+            ("query-memory-size-summary", self._query_memory, (), False),
+            ("qom-get", self._qom_get, (Param("path", "str"), Param("property", "str")), False),
+            (
+                "qom-set",
+                self._qom_set,
+                (Param("path", "str"), Param("property", "str"), Param("value", "any")),
+                False,
+            ),
+            ("qom-list", self._qom_list, (Param("path", "str"),), False),
+            ("x-query-virtio", self._x_query_virtio, (), False),
+            ("x-query-virtio-status", self._x_virtio_status, (Param("path", "str"),), False),
+            (
+                "x-query-virtio-queue-status",
+                self._x_queue_status,
+                (Param("path", "str"), Param("queue", "uint")),
+                False,
+            ),
+            (
+                "x-query-virtio-queue-element",
+                self._x_queue_element,
+                (Param("path", "str"), Param("queue", "uint"), Param("index", "uint", True)),
+                False,
+            ),
+            (
+                "pmemsave",
+                self._pmemsave,
+                (Param("val", "int"), Param("size", "int"), Param("filename", "str")),
+                False,
+            ),
+            ("device_add", self._device_add, (Param("driver", "str"),), True),
+            ("device_del", self._device_del, (Param("id", "str"),), False),
+            ("quit", self._quit, (), False),
+        ]
+        return {
+            name: Command(name, handler, params, extra)
+            for name, handler, params, extra in table
+        }
+
+    async def _query_balloon(self, args: Mapping[str, Any]) -> JsonObject:
+        balloon = self._need_balloon()
+        return {"actual": self.ram - (balloon.actual_pages << PAGE_SHIFT)}
+
+    async def _balloon(self, args: Mapping[str, Any]) -> None:
+        balloon = self._need_balloon()
+        target = int(args["value"])
+        if target <= 0:
+            raise CommandFailed("Parameter 'target' expects a size")
+        # virtio_balloon_to_target: a target above RAM means "no balloon".
+        target = min(target, self.ram)
+        balloon.set_target_pages((self.ram - target) >> PAGE_SHIFT)
+
+    async def _query_status(self, args: Mapping[str, Any]) -> JsonObject:
+        return {"status": "running", "singlestep": False, "running": True}
+
+    async def _query_version(self, args: Mapping[str, Any]) -> JsonObject:
+        return {"qemu": dict(QEMU_VERSION), "package": PACKAGE}
+
+    async def _query_memory(self, args: Mapping[str, Any]) -> JsonObject:
+        return {"base-memory": self.ram, "plugged-memory": 0}
+
+    async def _qom_get(self, args: Mapping[str, Any]) -> Any:
+        return qom.get(self, args["path"], args["property"])
+
+    async def _qom_set(self, args: Mapping[str, Any]) -> None:
+        qom.set_(self, args["path"], args["property"], args["value"])
+
+    async def _qom_list(self, args: Mapping[str, Any]) -> list[JsonObject]:
+        return qom.list_(self, args["path"])
+
+    async def _x_query_virtio(self, args: Mapping[str, Any]) -> list[JsonObject]:
+        if self.balloon is None:
+            return []
+        return [{"name": "virtio-balloon", "path": qom.backend_path(self.balloon.dev_id)}]
+
+    async def _x_virtio_status(self, args: Mapping[str, Any]) -> JsonObject:
+        return qom.virtio_status(self, self._virtio_backend(args["path"]))
+
+    async def _x_queue_status(self, args: Mapping[str, Any]) -> JsonObject:
+        return qom.queue_status(self._virtio_backend(args["path"]), int(args["queue"]))
+
+    async def _x_queue_element(self, args: Mapping[str, Any]) -> JsonObject:
+        return qom.queue_element(
+            self._virtio_backend(args["path"]), int(args["queue"]), args.get("index")
+        )
+
+    async def _pmemsave(self, args: Mapping[str, Any]) -> None:
+        addr, size, filename = int(args["val"]), int(args["size"]), str(args["filename"])
+        try:
+            fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise CommandFailed(f"Could not open '{filename}': {exc.strerror}") from exc
+        with os.fdopen(fd, "wb") as out:
+            # cpu_physical_memory_read: addresses outside RAM read as zeros here (QEMU
+            # reads unassigned memory as all-ones or zeros depending on the region).
+            pos, end = addr, addr + max(0, size)
+            while pos < end:
+                n = min(end - pos, 1 << 20)
+                chunk = (
+                    self.guest.mem.read(pos, n) if self.guest.mem.contains(pos, n) else bytes(n)
+                )
+                out.write(chunk)
+                pos += n
+
+    async def _device_add(self, args: Mapping[str, Any]) -> None:
+        driver = args["driver"]
+        if driver != BALLOON_DRIVER:
+            raise CommandFailed(
+                f"'{driver}' is not a valid device model name"
+                if driver not in ("virtio-balloon-device", "virtio-balloon-ccw")
+                else f"'{driver}' is not pluggable here"
+            )
+        dev_id = args.get("id")
+        if not isinstance(dev_id, str) or not dev_id:
+            # A balloon without an id cannot be found again by balloonctl; QEMU allows it,
+            # the sim does not simulate anonymous devices.
+            raise CommandFailed("the simulated VM needs an 'id' for its balloon")
+        if self.balloon is not None:
+            if self.balloon.dev_id == dev_id:
+                raise CommandFailed(f"Duplicate device ID '{dev_id}'")
+            raise CommandFailed("Only one balloon device is supported")
+        bus = args.get("bus", ROOT_BUS)
+        if bus not in (ROOT_BUS, HOTPLUG_BUS) or (bus == HOTPLUG_BUS and not self.spec.hotplug):
+            raise CommandFailed(f"Bus '{bus}' not found", error_class="GenericError")
+        if bus == ROOT_BUS:
+            raise CommandFailed(f"Bus '{bus}' does not support hotplugging")
+        props = default_props(self.spec.profile)
+        known = PROPERTIES[self.spec.profile]
+        for key, value in args.items():
+            if key in ("driver", "id", "bus"):
+                continue
+            if key not in known:
+                raise CommandFailed(f"Property '{BALLOON_DRIVER}.{key}' not found")
+            props[key] = _on_off(value)
+        balloon = self._new_balloon(dev_id, bus, props)
+        self.balloon = balloon
+        balloon.start(PLUG_PROBE_S)
+
+    async def _device_del(self, args: Mapping[str, Any]) -> None:
+        dev_id = args["id"]
+        balloon = self.balloon
+        if balloon is None or balloon.dev_id != dev_id:
+            raise CommandFailed(f"Device '{dev_id}' not found", error_class="DeviceNotFound")
+        if balloon.bus == ROOT_BUS:
+            raise CommandFailed(f"Bus '{ROOT_BUS}' does not support hotplugging")
+        if balloon.unplugging:
+            raise CommandFailed(f"Device {dev_id} is already in the process of unplug")
+        balloon.unplugging = True
+        self._tasks.append(asyncio.create_task(self._unplug_later(balloon)))
+
+    async def _unplug_later(self, balloon: SimBalloon) -> None:
+        await asyncio.sleep(UNPLUG_DELAY_S)
+        balloon.remove_driver()
+        balloon.close()
+        if self.balloon is balloon:
+            self.balloon = None
+        # QEMU sends one DEVICE_DELETED for the virtio backend (no id), then the proxy's.
+        self.qmp.emit("DEVICE_DELETED", {"path": qom.backend_path(balloon.dev_id)})
+        self.qmp.emit(
+            "DEVICE_DELETED",
+            {"device": balloon.dev_id, "path": qom.device_path(balloon.dev_id)},
+        )
+
+    async def _quit(self, args: Mapping[str, Any]) -> None:
+        # qmp_quit only requests the shutdown: the reply goes out first, then the main loop
+        # sends SHUTDOWN and QEMU exits, closing the socket.
+        asyncio.get_running_loop().call_soon(self._shutdown)
+
+    def _shutdown(self) -> None:
+        self.qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self._on_quit(self)
+
+    # --- for qom.py -------------------------------------------------------------------------------
+    @property
+    def page_size(self) -> int:
+        """Guest page size."""
+        return PAGE_SIZE
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """QEMU 7.2's balloon_stat_names (VIRTIO_BALLOON_S_NR = 10)."""
+        return tuple(f"stat-{spec.STAT_NAMES[tag]}" for tag in range(10))
