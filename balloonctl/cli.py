@@ -72,8 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout (before COMMAND)"
     )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $BALLOONCTL_CONFIG, ~/.config/balloonctl/"
+        "config.toml, /etc/balloonctl/config.toml)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    _vm_commands(commands)
 
     vring = commands.add_parser("vring", help="inspect split virtqueues")
     vring_cmds = vring.add_subparsers(dest="vring_command", metavar="ACTION", parser_class=_Parser)
@@ -169,6 +176,179 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--plot", metavar="PNG", help="draw the stage breakdown (matplotlib)")
     seed.set_defaults(func=_cmd_bench_seed)
     return parser
+
+
+_VM_HELP = "QMP socket (unix:/path, a socket path, tcp:HOST:PORT)"
+
+
+def _vm_commands(commands: Any) -> None:
+    """list, status, set, stats, features, negotiate."""
+    listing = commands.add_parser("list", help="the configured VMs and what they answer now")
+    listing.add_argument("--qmp-dir", metavar="DIR", help="also every DIR/*.sock")
+    listing.set_defaults(func=_cmd_list)
+
+    status = commands.add_parser("status", help="guest memory, balloon, features, stats age")
+    status.add_argument("vm", metavar="VM", help=_VM_HELP)
+    status.set_defaults(func=_cmd_status)
+
+    setp = commands.add_parser(
+        "set",
+        help="set the guest's memory (the balloon takes the rest)",
+        description="Ask the guest to hold SIZE of memory (QMP balloon). --wait returns when "
+        "it does (exit 1 at --timeout, with what it reached).",
+    )
+    setp.add_argument("vm", metavar="VM", help=_VM_HELP)
+    setp.add_argument("size", metavar="SIZE", type=_size, help="e.g. 1536M, 1.5G, 2GiB")
+    setp.add_argument("--wait", action="store_true", help="wait until the guest gets there")
+    setp.add_argument(
+        "--timeout", type=_seconds, default=120.0, metavar="S", help="with --wait (default 120)"
+    )
+    setp.set_defaults(func=_cmd_set)
+
+    stats = commands.add_parser("stats", help="the guest's memory statistics")
+    stats.add_argument("vm", metavar="VM", help=_VM_HELP)
+    stats.add_argument(
+        "--period", type=_count, metavar="S", help="set the guest's stats polling interval"
+    )
+    stats.add_argument("--watch", action="store_true", help="print every new reading")
+    stats.set_defaults(func=_cmd_stats)
+
+    feats = commands.add_parser("features", help="offered and acked feature bits, SG included")
+    feats.add_argument("vm", metavar="VM", help=_VM_HELP)
+    feats.set_defaults(func=_cmd_features)
+
+    nego = commands.add_parser(
+        "negotiate",
+        help="replug the balloon offering other features (the guest re-probes)",
+        description="Hot-unplug the balloon and plug it back with the same id and bus and "
+        "the features changed; the guest gets its ballooned memory back meanwhile.",
+    )
+    nego.add_argument("vm", metavar="VM", help=_VM_HELP)
+    nego.add_argument("--enable", action="append", default=[], metavar="FEATURE")
+    nego.add_argument("--disable", action="append", default=[], metavar="FEATURE")
+    nego.add_argument("--yes", action="store_true", help="confirm the replug")
+    nego.set_defaults(func=_cmd_negotiate)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be positive: {text!r}")
+    return value
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from balloonctl.config import load  # noqa: PLC0415
+
+    return load(args.config)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds  # noqa: PLC0415
+
+    report = asyncio.run(vmcmds.list_vms(_config(args), args.qmp_dir))
+    return _emit(args, report, vmcmds.render_list)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds  # noqa: PLC0415
+
+    return _emit(args, asyncio.run(vmcmds.status(args.vm)), vmcmds.render_status)
+
+
+def _cmd_set(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.units import format_size  # noqa: PLC0415
+
+    result = asyncio.run(
+        vmcmds.set_target(
+            args.vm, args.size, wait=args.wait, timeout=args.timeout, config=_config(args)
+        )
+    )
+    report = result.report()
+    if args.size > report["target_bytes"]:
+        print(
+            f"balloonctl: {format_size(args.size)} is more than the VM's RAM; "
+            f"asked for {format_size(report['target_bytes'])}",
+            file=sys.stderr,
+        )
+
+    def human(r: dict[str, Any]) -> str:
+        state = "reached" if r["reached"] else ("asked" if not args.wait else "NOT reached")
+        return (
+            f"{r['vm']}: target {format_size(r['target_bytes'])}, actual "
+            f"{format_size(r['actual_bytes'])} ({state}"
+            + (f" after {r['elapsed_s']:.2f} s)" if args.wait else ")")
+            + "\n"
+        )
+
+    _emit(args, report, human)
+    if args.wait and not result.reached:
+        print(
+            f"balloonctl: error: timed out after {args.timeout:g} s at "
+            f"{format_size(result.actual)} of {format_size(result.target)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds  # noqa: PLC0415
+
+    if not args.watch:
+        return _emit(args, asyncio.run(vmcmds.stats(args.vm, args.period)), vmcmds.render_stats)
+
+    async def watch() -> None:
+        live = sys.stdout.isatty() and not args.json
+        async for report in vmcmds.watch_stats(args.vm, args.period):
+            if args.json:
+                sys.stdout.write(json.dumps(report) + "\n")
+            elif live:
+                sys.stdout.write("\x1b[H\x1b[J" + vmcmds.render_stats(report))
+            else:
+                sys.stdout.write(vmcmds.render_stats(report) + "\n")
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(watch())
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends
+    return EXIT_OK
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds  # noqa: PLC0415
+
+    report, names = asyncio.run(vmcmds.features(args.vm))
+    return _emit(args, report, lambda r: vmcmds.render_features(r, names))
+
+
+def _cmd_negotiate(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds  # noqa: PLC0415
+
+    if not args.yes:
+        raise UsageError(
+            "negotiate unplugs and replugs the balloon (the guest gets its ballooned memory "
+            "back meanwhile); add --yes to go ahead"
+        )
+    report = asyncio.run(vmcmds.negotiate(args.vm, args.enable, args.disable))
+    return _emit(args, report, lambda r: vmcmds.render_features(r, list(r["offered"])))
 
 
 def _cmd_vring_parse(args: argparse.Namespace) -> int:

@@ -1,0 +1,418 @@
+"""The CLI's VM commands: list, status, set, stats, features, negotiate.
+
+Each is an async function from parsed options to a report (a dict for ``--json``) plus its
+human rendering; ``balloonctl.cli`` runs it and maps errors to exit codes. Nothing here
+imports numpy or the guest model: a ``status`` pays only for asyncio and qemu.qmp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TextIO
+
+from balloonctl.backends.base import Backend, FeatureState, GuestStats
+from balloonctl.config import Config
+from balloonctl.errors import (
+    BalloonError,
+    CommandFailed,
+    ConnectionLost,
+    OperationTimeout,
+    UsageError,
+    VmUnreachable,
+)
+from balloonctl.units import PAGE_SIZE, format_size
+
+#: set --wait polls query-balloon this often: completion is seen within tens of ms, not at
+#: the next BALLOON_CHANGE, which QEMU throttles to one a second.
+POLL_S: Final = 0.02
+#: stats turns polling on at this period when it is off.
+DEFAULT_PERIOD_S: Final = 2
+#: Stats whose values are memory sizes (bytes); the rest are counts.
+MEMORY_STATS: Final = frozenset(
+    {"free-memory", "total-memory", "available-memory", "disk-caches", "swap-in", "swap-out"}
+)
+SG_ON_V12: Final = (
+    "SG does not exist on this device: virtio 1.2 gave bit 3 to free-page-hint, and the "
+    "seed's VIRTIO_BALLOON_F_SG was never merged. Its merged relative is free page "
+    "reporting (page-reporting, bit 5): SG lists of free pages on their own queue."
+)
+
+
+def open_vm(name: str, connect_timeout: float = 5.0) -> Backend:
+    """The backend for a VM name (DESIGN.md: a QMP socket address, or a libvirt domain)."""
+    from balloonctl.backends.address import looks_like_qmp_address  # noqa: PLC0415
+
+    if looks_like_qmp_address(name):
+        from balloonctl.backends.qmp import QmpBackend  # noqa: PLC0415
+
+        return QmpBackend(name, connect_timeout=connect_timeout)
+    raise VmUnreachable(
+        f"cannot reach VM {name}: no QMP socket there, and libvirt domain names need the "
+        "libvirt backend, which this build does not have"
+    )
+
+
+def vm_label(name: str) -> str:
+    """How reports name a VM: its address as given."""
+    return name
+
+
+# --- status ------------------------------------------------------------------------------
+def features_report(state: FeatureState) -> dict[str, Any]:
+    """DESIGN.md's ``features`` object (without ``vm``)."""
+    return {
+        "profile": state.profile,
+        "offered": list(state.offered),
+        "acked": list(state.acked),
+        "sg": {"offered": "sg" in state.offered, "acked": "sg" in state.acked},
+        "driver_ok": state.driver_ok,
+    }
+
+
+async def status(vm: str) -> dict[str, Any]:
+    """actual, RAM, features, and how old the guest's stats are."""
+    async with open_vm(vm) as backend:
+        actual = await backend.actual()
+        ram = await backend.max_memory()
+        feats = await backend.features()
+        stats = await backend.stats()
+    age = round(max(0.0, time.time() - stats.last_update), 1) if stats.last_update else None
+    return {
+        "vm": vm_label(vm),
+        "actual_bytes": actual,
+        "max_bytes": ram,
+        "features": features_report(feats),
+        "stats_age_s": age,
+    }
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """status as a user reads it."""
+    actual, ram = report["actual_bytes"], report["max_bytes"]
+    feats = report["features"]
+    age = report["stats_age_s"]
+    lines = [
+        f"VM        {report['vm']}",
+        f"memory    {format_size(actual)} of {format_size(ram)} "
+        f"(balloon {format_size(max(0, ram - actual))})",
+        f"profile   {feats['profile']}",
+        f"acked     {' '.join(feats['acked']) or '(no driver yet)'}",
+        f"SG        {_sg_line(feats)}",
+        "stats     "
+        + (f"updated {age} s ago" if age is not None else "never (see: balloonctl stats VM)"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sg_line(feats: dict[str, Any]) -> str:
+    if feats["profile"] != "seed-sg":
+        return "not on this device (virtio 1.2: bit 3 is free-page-hint)"
+    sg = feats["sg"]
+    if sg["acked"]:
+        return "negotiated (inflate/deflate as scatter-gather chains)"
+    return "offered, not acked" if sg["offered"] else "not offered"
+
+
+# --- set ---------------------------------------------------------------------------------------
+@dataclass
+class SetResult:
+    """What set reached, for the report and for the error message."""
+
+    vm: str
+    target: int
+    actual: int
+    reached: bool
+    elapsed: float
+
+    def report(self) -> dict[str, Any]:
+        """DESIGN.md's ``set`` object."""
+        return {
+            "vm": self.vm,
+            "target_bytes": self.target,
+            "actual_bytes": self.actual,
+            "reached": self.reached,
+            "elapsed_s": round(self.elapsed, 3),
+        }
+
+
+def check_floor(vm: str, target: int, config: Config) -> None:
+    """Never a target below a configured floor (exit 2, nothing sent)."""
+    entry = config.find(vm)
+    if entry is not None and target < entry.min:
+        raise UsageError(
+            f"target {format_size(target)} is below the floor {format_size(entry.min)} "
+            f"configured for {entry.name} in {config.path}"
+        )
+
+
+class Progress:
+    """A one-line progress bar on a terminal; nothing at all when stderr is not one."""
+
+    def __init__(self, start: int, target: int, stream: TextIO = sys.stderr) -> None:
+        self.start = start
+        self.target = target
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self._last = ""
+
+    def update(self, actual: int) -> None:
+        """Redraw for ``actual``."""
+        if not self.enabled:
+            return
+        span = abs(self.target - self.start) or 1
+        done = min(1.0, abs(actual - self.start) / span)
+        width = 30
+        bar = "#" * int(done * width) + "-" * (width - int(done * width))
+        line = (
+            f"\r[{bar}] {format_size(actual)} -> {format_size(self.target)} {done * 100:3.0f}%"
+        )
+        if line != self._last:
+            self.stream.write(line)
+            self.stream.flush()
+            self._last = line
+
+    def finish(self) -> None:
+        """End the line."""
+        if self.enabled and self._last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def close_enough(actual: int, target: int) -> bool:
+    """QEMU keeps the balloon in whole 4 KiB pages: actual lands within a page of target."""
+    return abs(actual - target) < PAGE_SIZE
+
+
+async def set_target(
+    vm: str,
+    size: int,
+    *,
+    wait: bool,
+    timeout: float,
+    config: Config,
+    progress: Callable[[int, int], Progress] = Progress,
+) -> SetResult:
+    """Ask for ``size`` bytes of guest memory; with ``wait``, until actual gets there."""
+    if size <= 0:
+        raise UsageError("size must be positive")
+    check_floor(vm, size, config)
+    t0 = time.monotonic()
+    async with open_vm(vm) as backend:
+        ram = await backend.max_memory()
+        target = min(size, ram)
+        start = await backend.actual()
+        # The balloon command itself is never retried: its outcome would be unknown.
+        await backend.set_target(target)
+        if not wait:
+            actual = await backend.actual()
+            return SetResult(vm, target, actual, close_enough(actual, target), 0.0)
+        bar = progress(start, target)
+        result = SetResult(vm, target, start, False, 0.0)
+        try:
+            await _wait_for(backend, result, bar, t0, timeout)
+        finally:
+            bar.finish()
+            result.elapsed = time.monotonic() - t0
+        return result
+
+
+async def _wait_for(
+    backend: Backend, result: SetResult, bar: Progress, t0: float, timeout: float
+) -> None:
+    deadline = t0 + timeout
+    while True:
+        try:
+            result.actual = await backend.actual()
+        except ConnectionLost as exc:
+            raise ConnectionLost(
+                f"{exc}; reached {format_size(result.actual)} of {format_size(result.target)}"
+            ) from exc
+        bar.update(result.actual)
+        if close_enough(result.actual, result.target):
+            result.reached = True
+            return
+        if time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(POLL_S)
+
+
+# --- stats --------------------------------------------------------------------------------------
+def stats_report(vm: str, reading: GuestStats) -> dict[str, Any]:
+    """DESIGN.md's ``stats`` object."""
+    return {"vm": vm_label(vm), "last_update": reading.last_update, "stats": reading.stats}
+
+
+def render_stats(report: dict[str, Any]) -> str:
+    """One stat a line, sizes in binary units."""
+    last = report["last_update"]
+    age = f"{max(0.0, time.time() - last):.1f} s ago" if last else "never"
+    lines = [f"VM        {report['vm']}", f"updated   {age}"]
+    for name, value in report["stats"].items():
+        shown = format_size(value) if name in MEMORY_STATS else str(value)
+        lines.append(f"{name:<18}{shown:>14}")
+    return "\n".join(lines) + "\n"
+
+
+async def _ensure_polling(backend: Backend, period: int | None, notice: TextIO) -> int:
+    current = await backend.stats_period()
+    if period is not None and period != current:
+        await backend.set_stats_period(period)
+        return period
+    if current == 0:
+        print(
+            f"balloonctl: stats polling was off; turned it on every {DEFAULT_PERIOD_S} s "
+            "(--period to choose)",
+            file=notice,
+        )
+        await backend.set_stats_period(DEFAULT_PERIOD_S)
+        return DEFAULT_PERIOD_S
+    return current
+
+
+async def stats(vm: str, period: int | None, notice: TextIO = sys.stderr) -> dict[str, Any]:
+    """The guest's latest stats; if polling was off, turn it on and wait for a reading."""
+    async with open_vm(vm) as backend:
+        before = await backend.stats()
+        was = await backend.stats_period()
+        used = await _ensure_polling(backend, period, notice)
+        reading = before
+        if was == 0 or not before.last_update:
+            reading = await _next_reading(backend, before.last_update, used)
+    return stats_report(vm, reading)
+
+
+async def _next_reading(backend: Backend, after: int, period: int) -> GuestStats:
+    deadline = time.monotonic() + 2 * period + 2
+    while True:
+        reading = await backend.stats()
+        if reading.last_update > after:
+            return reading
+        if time.monotonic() >= deadline:
+            raise OperationTimeout(
+                f"no fresh stats from the guest within {2 * period + 2} s "
+                "(is its balloon driver loaded?)"
+            )
+        await asyncio.sleep(0.1)
+
+
+async def watch_stats(vm: str, period: int | None, notice: TextIO = sys.stderr) -> AsyncIterator[
+    dict[str, Any]
+]:
+    """Every new reading, until the connection drops (ConnectionLost: exit 1)."""
+    async with open_vm(vm) as backend:
+        used = await _ensure_polling(backend, period, notice)
+        last = -1
+        while True:
+            reading = await backend.stats()
+            if reading.last_update != last:
+                last = reading.last_update
+                yield stats_report(vm, reading)
+            await asyncio.sleep(min(0.5, used / 4))
+
+
+# --- features / negotiate -------------------------------------------------------------------------
+def features_json(vm: str, state: FeatureState) -> dict[str, Any]:
+    """DESIGN.md's ``features`` object."""
+    out = {"vm": vm_label(vm)}
+    out.update(features_report(state))
+    return out
+
+
+def render_features(report: dict[str, Any], names: list[str]) -> str:
+    """A table, bit by bit, then what SG means on this device."""
+    offered, acked = set(report["offered"]), set(report["acked"])
+    lines = [f"VM        {report['vm']}", f"profile   {report['profile']}", ""]
+    lines.append(f"{'feature':<22}{'offered':>8}{'acked':>7}")
+    for name in names:
+        if name in offered or name in acked:
+            lines.append(
+                f"{name:<22}{'yes' if name in offered else '-':>8}"
+                f"{'yes' if name in acked else '-':>7}"
+            )
+    lines.append("")
+    if report["profile"] == "seed-sg":
+        lines.append(f"SG: {_sg_line(report)}.")
+    else:
+        lines.append(SG_ON_V12)
+    if not report["driver_ok"]:
+        lines.append("No driver is running in the guest yet: nothing is acked.")
+    return "\n".join(lines) + "\n"
+
+
+async def features(vm: str) -> tuple[dict[str, Any], list[str]]:
+    """Offered/acked bits and the profile's names in bit order (for the table)."""
+    from balloonctl.virtio.features import get_profile  # noqa: PLC0415
+
+    async with open_vm(vm) as backend:
+        state = await backend.features()
+    names = [bit.name for bit in sorted(get_profile(state.profile).bits, key=lambda b: b.bit)]
+    return features_json(vm, state), names
+
+
+async def negotiate(vm: str, enable: list[str], disable: list[str]) -> dict[str, Any]:
+    """Replug the balloon with other features; the features after the guest re-probed."""
+    both = set(enable) & set(disable)
+    if both:
+        raise UsageError(f"both --enable and --disable name {', '.join(sorted(both))}")
+    if not enable and not disable:
+        raise UsageError("name at least one feature with --enable or --disable")
+    async with open_vm(vm) as backend:
+        before = await backend.features()
+        if "sg" in enable and before.profile != "seed-sg":
+            raise CommandFailed(SG_ON_V12)
+        after = await backend.renegotiate(enable, disable)
+    return features_json(vm, after)
+
+
+# --- list ---------------------------------------------------------------------------------
+async def list_vms(config: Config, qmp_dir: str | None) -> dict[str, Any]:
+    """Configured VMs (and the sockets in ``qmp_dir``), each with what it answers now."""
+    entries: list[tuple[str, str]] = [(vm.name, vm.qmp) for vm in config.vms]
+    if qmp_dir is not None:
+        try:
+            found = sorted(os.listdir(qmp_dir))
+        except OSError as exc:
+            raise UsageError(f"cannot list {qmp_dir}: {exc.strerror}") from exc
+        entries += [
+            (name.removesuffix(".sock"), os.path.join(qmp_dir, name))
+            for name in found
+            if name.endswith(".sock")
+        ]
+    rows = await asyncio.gather(*(_probe(name, address) for name, address in entries))
+    return {"vms": list(rows)}
+
+
+async def _probe(name: str, address: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"vm": name, "address": address, "state": "unreachable",
+                           "actual_bytes": None, "max_bytes": None}
+    try:
+        async with open_vm(address, connect_timeout=2.0) as backend:
+            row["max_bytes"] = await backend.max_memory()
+            row["actual_bytes"] = await backend.actual()
+            row["state"] = "running"
+    except CommandFailed as exc:
+        row["state"] = "no balloon" if exc.error_class == "DeviceNotActive" else "error"
+    except BalloonError:
+        pass
+    return row
+
+
+def render_list(report: dict[str, Any]) -> str:
+    """A table; an empty list says where VMs come from."""
+    if not report["vms"]:
+        return (
+            "no VMs configured: add [[vm]] qmp = PATH to the config file "
+            "(or use --qmp-dir DIR)\n"
+        )
+    lines = [f"{'VM':<16}{'STATE':<12}{'ACTUAL':>12}{'MAX':>12}  ADDRESS"]
+    for row in report["vms"]:
+        actual = format_size(row["actual_bytes"]) if row["actual_bytes"] is not None else "-"
+        ram = format_size(row["max_bytes"]) if row["max_bytes"] is not None else "-"
+        lines.append(f"{row['vm']:<16}{row['state']:<12}{actual:>12}{ram:>12}  {row['address']}")
+    return "\n".join(lines) + "\n"
+
