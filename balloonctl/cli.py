@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", default="1G", type=_size, help="inflate/deflate speed per second (default 1G)"
     )
     sim.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="run the workload F times faster than real time (default 1)",
+    )
+    sim.add_argument(
         "--no-hotplug",
         dest="hotplug",
         action="store_false",
@@ -388,11 +395,15 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         raise UsageError("--memory must be at least 64M")
     if args.rate <= 0:
         raise UsageError("--rate must be positive")
+    if not 0 < args.time_scale <= 1000:
+        raise UsageError("--time-scale must be in (0, 1000]")
     if args.qmp_dir is not None and not os.path.isdir(args.qmp_dir):
         raise UsageError(f"--qmp-dir {args.qmp_dir} is not a directory")
     base = VmSpec(
         profile=args.profile,
-        guest=GuestSpec(memory=args.memory, workload=args.workload),
+        guest=GuestSpec(
+            memory=args.memory, workload=args.workload, time_scale=args.time_scale
+        ),
         rate=args.rate,
         hotplug=args.hotplug,
     )

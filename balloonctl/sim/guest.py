@@ -32,6 +32,8 @@ class GuestSpec:
     workload: str = "idle"
     #: Memory the kernel holds from boot on and never gives up.
     kernel: int | None = None
+    #: The workload's clock runs this many times faster than real time (tests, demos).
+    time_scale: float = 1.0
 
     @property
     def kernel_bytes(self) -> int:
@@ -88,7 +90,8 @@ class SimGuest:
     # --- the workload ---------------------------------------------------------------------------
     def step(self) -> None:
         """Chase the workload's demand for now (called every half second)."""
-        want = demand(self.spec.workload, self._clock() - self.booted, self.spec.memory)
+        elapsed = (self._clock() - self.booted) * self.spec.time_scale
+        want = demand(self.spec.workload, elapsed, self.spec.memory)
         self._set_anon(want.anon >> PAGE_SHIFT)
         self._set_cache(want.cache >> PAGE_SHIFT)
 
