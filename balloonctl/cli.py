@@ -153,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=_cmd_sim)
 
+    demo = commands.add_parser(
+        "demo", help="a scripted tour on two simulated VMs (about a minute)"
+    )
+    demo.add_argument(
+        "--duration", type=_seconds, default=12.0, metavar="S",
+        help="seconds of live stats in the tour (default 12)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", metavar="NAME", parser_class=_Parser)
     bench_cmds.required = True
@@ -412,6 +421,12 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         return asyncio.run(serve(vms))
     except OSError as exc:
         raise UsageError(f"cannot serve QMP: {exc.strerror or exc}") from exc
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from balloonctl import demo  # noqa: PLC0415
+
+    return demo.run(args.duration)
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
