@@ -57,8 +57,12 @@ PROPERTIES: Final[Mapping[str, Mapping[str, tuple[str, bool]]]] = {
 }
 #: What the guest's driver acks, by profile: the seed's driver table, plus free page
 #: reporting on a virtio 1.2 guest (Linux 6.1 acks it; the model does not send reports).
+#: A Linux 6.1 guest on QEMU 7.2 acks EVENT_IDX and VERSION_1 but not INDIRECT_DESC
+#: (fixtures/transcripts/qemu-7.2/introspect.json); the virtio-1.2 sim's guest does the same.
 _GUEST_FEATURES: Final = {
-    "virtio-1.2": (*DRIVER_FEATURES["virtio-1.2"], "page-reporting", *TRANSPORT_FEATURES),
+    "virtio-1.2": (
+        *DRIVER_FEATURES["virtio-1.2"], "page-reporting", "ring-event-idx", "version-1"
+    ),
     "seed-sg": (*DRIVER_FEATURES["seed-sg"], *TRANSPORT_FEATURES),
 }
 
@@ -167,6 +171,8 @@ class SimBalloon:
         self._on_actual = on_actual
         self.poll_interval = 0
         self.unplugging = False
+        #: Plugged with device_add (QEMU's "hotplugged" property), not at boot.
+        self.hotplugged = False
         self.device = BalloonDevice(
             guest.mem,
             profile=profile,

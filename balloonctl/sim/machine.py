@@ -58,25 +58,27 @@ class VmSpec:
     boot_probe_s: float = 0.2
 
 
-def default_props(profile: str) -> dict[str, bool]:
-    """``--profile virtio-1.2``: ``deflate-on-oom=on,free-page-reporting=on`` (4 queues);
-    ``--profile seed-sg``: ``deflate-on-oom=on,sg=on``."""
+def default_props(profile: str, *, plugged: bool = False) -> dict[str, bool]:
+    """At boot, ``--profile virtio-1.2`` is ``deflate-on-oom=on,free-page-reporting=on`` (4
+    queues) and ``--profile seed-sg`` ``deflate-on-oom=on,sg=on``; a device_add starts from
+    the device's own defaults, as QEMU's does."""
     props = {name: default for name, (_, default) in PROPERTIES[profile].items()}
-    props["deflate-on-oom"] = True
-    if profile == "virtio-1.2":
-        props["free-page-reporting"] = True
+    if not plugged:
+        props["deflate-on-oom"] = True
+        if profile == "virtio-1.2":
+            props["free-page-reporting"] = True
     return props
 
 
-def _on_off(value: object) -> bool:
-    # device_add takes QemuOpts strings ("on"/"off"/"true"/...) or JSON booleans.
+def _on_off(key: str, value: object) -> bool:
+    # device_add takes QemuOpts strings ("on"/"off"/"yes"/...) or JSON booleans.
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value in ("on", "yes", "true", "y"):
         return True
     if isinstance(value, str) and value in ("off", "no", "false", "n"):
         return False
-    raise CommandFailed(f"Parameter '{value}' expects 'on' or 'off'")
+    raise CommandFailed(f"Parameter '{key}' expects 'on' or 'off'")
 
 
 class SimMachine:
@@ -92,6 +94,11 @@ class SimMachine:
         self.qmp = QmpServer(self._commands(), QEMU_VERSION, PACKAGE)
         self._tasks: list[asyncio.Task[None]] = []
         self.running = False
+        self._stopped = False
+        #: The machine's buses: q35's pcie.0, and two pcie-root-ports when hotplug is on.
+        self.buses: tuple[str, ...] = (
+            (ROOT_BUS, HOTPLUG_BUS, "rp2") if spec_.hotplug else (ROOT_BUS,)
+        )
 
     # --- life cycle -----------------------------------------------------------------------
     async def start(self, qmp_path: str) -> None:
@@ -108,7 +115,10 @@ class SimMachine:
         log.info("%s: serving QMP on %s", self.spec.name, qmp_path)
 
     async def stop(self) -> None:
-        """Power off: hang up QMP, stop the tasks, release guest RAM."""
+        """Power off: hang up QMP, stop the tasks, release guest RAM (once)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.running = False
         for task in self._tasks:
             task.cancel()
@@ -144,11 +154,11 @@ class SimMachine:
             raise CommandFailed(NO_BALLOON, error_class="DeviceNotActive")
         return self.balloon
 
-    def _virtio_backend(self, path: str) -> SimBalloon:
-        # virtio-qmp.c: qmp_find_virtio_device
+    def _virtio_backend(self, path: str, noun: str = "a VirtIODevice") -> SimBalloon:
+        # virtio.c: qmp_find_virtio_device (queue-element words it "a VirtIO device")
         balloon = self.balloon
         if balloon is None or path != qom.backend_path(balloon.dev_id):
-            raise CommandFailed(f"Path {path} is not a VirtIODevice")
+            raise CommandFailed(f"Path {path} is not {noun}")
         return balloon
 
     # --- commands -------------------------------------------------------------------------------
@@ -210,10 +220,11 @@ class SimMachine:
         balloon.set_target_pages((self.ram - target) >> PAGE_SHIFT)
 
     async def _query_status(self, args: Mapping[str, Any]) -> JsonObject:
-        return {"status": "running", "singlestep": False, "running": True}
+        # StatusInfo members in schema order (the writer reorders them as QEMU does).
+        return {"running": True, "singlestep": False, "status": "running"}
 
     async def _query_version(self, args: Mapping[str, Any]) -> JsonObject:
-        return {"qemu": dict(QEMU_VERSION), "package": PACKAGE}
+        return {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": PACKAGE}
 
     async def _query_memory(self, args: Mapping[str, Any]) -> JsonObject:
         return {"base-memory": self.ram, "plugged-memory": 0}
@@ -240,7 +251,9 @@ class SimMachine:
 
     async def _x_queue_element(self, args: Mapping[str, Any]) -> JsonObject:
         return qom.queue_element(
-            self._virtio_backend(args["path"]), int(args["queue"]), args.get("index")
+            self._virtio_backend(args["path"], "a VirtIO device"),
+            int(args["queue"]),
+            args.get("index"),
         )
 
     async def _pmemsave(self, args: Mapping[str, Any]) -> None:
@@ -262,36 +275,35 @@ class SimMachine:
                 pos += n
 
     async def _device_add(self, args: Mapping[str, Any]) -> None:
+        # qdev_device_add's order: the model, the bus and whether it hotplugs, the id, the
+        # properties, then realize (where the balloon refuses a second instance).
         driver = args["driver"]
         if driver != BALLOON_DRIVER:
-            raise CommandFailed(
-                f"'{driver}' is not a valid device model name"
-                if driver not in ("virtio-balloon-device", "virtio-balloon-ccw")
-                else f"'{driver}' is not pluggable here"
-            )
-        dev_id = args.get("id")
-        if not isinstance(dev_id, str) or not dev_id:
-            # A balloon without an id cannot be found again by balloonctl; QEMU allows it,
-            # the sim does not simulate anonymous devices.
-            raise CommandFailed("the simulated VM needs an 'id' for its balloon")
-        if self.balloon is not None:
-            if self.balloon.dev_id == dev_id:
-                raise CommandFailed(f"Duplicate device ID '{dev_id}'")
-            raise CommandFailed("Only one balloon device is supported")
+            raise CommandFailed(f"'{driver}' is not a valid device model name")
         bus = args.get("bus", ROOT_BUS)
-        if bus not in (ROOT_BUS, HOTPLUG_BUS) or (bus == HOTPLUG_BUS and not self.spec.hotplug):
-            raise CommandFailed(f"Bus '{bus}' not found", error_class="GenericError")
+        if bus not in self.buses:
+            raise CommandFailed(f"Bus '{bus}' not found")
         if bus == ROOT_BUS:
             raise CommandFailed(f"Bus '{bus}' does not support hotplugging")
-        props = default_props(self.spec.profile)
+        dev_id = args.get("id")
+        if not isinstance(dev_id, str) or not dev_id:
+            # QEMU allows anonymous devices; balloonctl finds its balloon by id, and the sim
+            # does not simulate what it could not find again.
+            raise CommandFailed("the simulated VM needs an 'id' for its balloon")
+        if self.balloon is not None and self.balloon.dev_id == dev_id:
+            raise CommandFailed(f"Duplicate device ID '{dev_id}'")
+        props = default_props(self.spec.profile, plugged=True)
         known = PROPERTIES[self.spec.profile]
         for key, value in args.items():
             if key in ("driver", "id", "bus"):
                 continue
             if key not in known:
                 raise CommandFailed(f"Property '{BALLOON_DRIVER}.{key}' not found")
-            props[key] = _on_off(value)
+            props[key] = _on_off(key, value)
+        if self.balloon is not None:
+            raise CommandFailed("Only one balloon device is supported")
         balloon = self._new_balloon(dev_id, bus, props)
+        balloon.hotplugged = True
         self.balloon = balloon
         balloon.start(PLUG_PROBE_S)
 
@@ -303,7 +315,7 @@ class SimMachine:
         if balloon.bus == ROOT_BUS:
             raise CommandFailed(f"Bus '{ROOT_BUS}' does not support hotplugging")
         if balloon.unplugging:
-            raise CommandFailed(f"Device {dev_id} is already in the process of unplug")
+            return  # QEMU 7.2 repeats the request and answers {} again
         balloon.unplugging = True
         self._tasks.append(asyncio.create_task(self._unplug_later(balloon)))
 

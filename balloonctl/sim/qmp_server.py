@@ -102,9 +102,9 @@ def check_arguments(command: Command, arguments: Mapping[str, Any]) -> None:
             )
     if not command.extra_ok:
         known = {p.name for p in command.params}
-        for name in arguments:
-            if name not in known:
-                raise CommandFailed(f"Parameter '{name}' is unexpected")
+        unexpected = glib_order([name for name in arguments if name not in known])
+        if unexpected:
+            raise CommandFailed(f"Parameter '{unexpected[0]}' is unexpected")
 
 
 def timestamp(now: float | None = None) -> JsonObject:
@@ -112,6 +112,64 @@ def timestamp(now: float | None = None) -> JsonObject:
     now = time.time() if now is None else now
     seconds = int(now)
     return {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)}
+
+
+# --- QEMU's key order -----------------------------------------------------------------------
+#: QDICT_BUCKET_MAX in qobject/qdict.c.
+_QDICT_BUCKETS: Final = 512
+
+
+def _tdb_hash(key: str) -> int:
+    """qdict.c's tdb_hash: which of the 512 buckets a key lands in."""
+    value = (0x238F13AF * len(key.encode())) & 0xFFFFFFFF
+    for i, byte in enumerate(key.encode()):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
+
+
+def qemu_order(obj: Any) -> Any:
+    """``obj`` with every object's keys in the order QEMU's JSON writer emits them.
+
+    QEMU's output visitor inserts members in QAPI schema order into a QDict, a hash table
+    of 512 buckets, each a list with the newest entry first; the JSON writer walks the
+    buckets in order. Building our dicts in schema order and reordering them here gives
+    byte-identical key order (the transcripts check it), so a client that (wrongly) relies
+    on order behaves the same against the simulated VM as against QEMU.
+    """
+    if isinstance(obj, list):
+        return [qemu_order(item) for item in obj]
+    if not isinstance(obj, dict):
+        return obj
+    buckets: dict[int, list[str]] = {}
+    for key in obj:
+        buckets.setdefault(_tdb_hash(key), []).insert(0, key)
+    return {key: qemu_order(obj[key]) for b in sorted(buckets) for key in buckets[b]}
+
+
+def _djb2(key: str) -> int:
+    value = 5381
+    for byte in key.encode():
+        value = (value * 33 + byte) & 0xFFFFFFFF
+    return value
+
+
+def glib_order(keys: list[str]) -> list[str]:
+    """The order a small GHashTable of string keys iterates in (glib 2.74: g_str_hash,
+    ``hash * 11 % mod``, quadratic probing). QAPI's input visitor keeps the arguments it has
+    not visited in such a table and reports the first as unexpected."""
+    size, mod = 8, 7
+    while len(keys) * 17 >= size * 16:
+        size *= 2
+        mod = {16: 13, 32: 31, 64: 61, 128: 127, 256: 251}.get(size, size - 1)
+    slots: list[str | None] = [None] * size
+    for key in keys:
+        index = (_djb2(key) * 11) % mod
+        step = 0
+        while slots[index] is not None:
+            step += 1
+            index = (index + step) & (size - 1)
+        slots[index] = key
+    return [key for key in slots if key is not None]
 
 
 class JsonSplitter:
@@ -202,6 +260,7 @@ class EventThrottle:
 class _Session:
     writer: asyncio.StreamWriter
     negotiated: bool = False
+    oob: bool = False
 
 
 @dataclass
@@ -243,10 +302,10 @@ class QmpServer:
     # --- events -------------------------------------------------------------------------
     def emit(self, name: str, data: JsonObject | None = None) -> None:
         """Build the event now (its timestamp is now, as in QEMU) and queue it."""
-        event: JsonObject = {"event": name}
+        # qmp_event_build_dict: timestamp first, then the name, then the data.
+        event: JsonObject = {"timestamp": timestamp(), "event": name}
         if data is not None:
             event["data"] = data
-        event["timestamp"] = timestamp()
         period = self.throttled.get(name)
         if period is None:
             self._broadcast(event)
@@ -265,7 +324,7 @@ class QmpServer:
     @staticmethod
     def _write(session: _Session, obj: JsonObject) -> None:
         # QEMU ends every message with CRLF.
-        session.writer.write(json.dumps(obj).encode() + b"\r\n")
+        session.writer.write(json.dumps(qemu_order(obj)).encode() + b"\r\n")
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -316,6 +375,8 @@ class QmpServer:
     async def _dispatch(self, session: _Session, request: JsonObject) -> JsonObject | None:
         # qmp_dispatch_check_obj: members first, in QEMU's order.
         for key, value in request.items():
+            if key == "exec-oob" and not session.oob:
+                return _error("GenericError", "QMP input member 'exec-oob' is unexpected")
             if key in ("execute", "exec-oob"):
                 if not isinstance(value, str):
                     return _error("GenericError", f"QMP input member '{key}' must be a string")
@@ -342,6 +403,7 @@ class QmpServer:
             problem = _check_capabilities(arguments)
             if problem is not None:
                 return problem
+            session.oob = "oob" in arguments.get("enable", [])
             session.negotiated = True
             return {"return": {}}
         if name == "qmp_capabilities":
@@ -386,6 +448,15 @@ def _error(error_class: str, desc: str) -> JsonObject:
 
 
 def _parse_problem(exc: BaseException) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return exc.msg.lower()
-    return "nesting too deep"
+    """QEMU's json-parser wording where the two parsers agree on the problem; the class
+    and the ``JSON parse error, `` prefix are always QEMU's."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return "nesting too deep"
+    if exc.msg == "Expecting ':' delimiter":
+        return "missing : in object pair"
+    if exc.msg == "Expecting value":
+        word = exc.doc[exc.pos :].split(None, 1)[0] if exc.doc[exc.pos :].strip() else ""
+        if word.isalpha():
+            return f"invalid keyword '{word}'"
+        return "expecting value"
+    return exc.msg.lower()

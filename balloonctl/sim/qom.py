@@ -25,15 +25,56 @@ ROOT_BUS_PATH: Final = "/machine/q35/pcie.0"
 VIRTIO_ID_BALLOON: Final = 5
 UINT32_MAX: Final = (1 << 32) - 1
 
-#: virtio_config_status_map, in QEMU's order.
+#: virtio_config_status_map, in the order QEMU 7.2 lists set bits (x-query-virtio-status).
 _STATUS_NAMES: Final = (
-    (spec.DeviceStatus.DRIVER_OK, "VIRTIO_CONFIG_S_DRIVER_OK: Driver setup and ready"),
-    (spec.DeviceStatus.FEATURES_OK, "VIRTIO_CONFIG_S_FEATURES_OK: Feature negotiation complete"),
+    (spec.DeviceStatus.ACKNOWLEDGE, "VIRTIO_CONFIG_S_ACKNOWLEDGE: Valid virtio device found"),
     (spec.DeviceStatus.DRIVER, "VIRTIO_CONFIG_S_DRIVER: Guest OS compatible with device"),
+    (spec.DeviceStatus.FEATURES_OK, "VIRTIO_CONFIG_S_FEATURES_OK: Feature negotiation complete"),
+    (spec.DeviceStatus.DRIVER_OK, "VIRTIO_CONFIG_S_DRIVER_OK: Driver setup and ready"),
     (spec.DeviceStatus.NEEDS_RESET, "VIRTIO_CONFIG_S_NEEDS_RESET: Irrecoverable error, device needs reset"),
     (spec.DeviceStatus.FAILED, "VIRTIO_CONFIG_S_FAILED: Error in guest, device failed"),
-    (spec.DeviceStatus.ACKNOWLEDGE, "VIRTIO_CONFIG_S_ACKNOWLEDGE: Valid virtio device found"),
 )
+#: Transport feature strings in the order QEMU 7.2 lists them (virtio_transport_map).
+_TRANSPORT_ORDER: Final = (
+    "ring-event-idx", "ring-indirect-desc", "version-1", "any-layout", "notify-on-empty",
+)
+#: qom-list of a virtio-balloon-pci in QEMU 7.2, as recorded (fixtures/transcripts/qemu-7.2/
+#: introspect.json); the seed-sg device adds its "sg" property.
+_PCI_PROPERTIES: Final = (
+    ("type", "string"), ("parent_bus", "link<bus>"), ("realized", "bool"),
+    ("hotplugged", "bool"), ("hotpluggable", "bool"), ("failover_pair_id", "str"),
+    ("romfile", "str"), ("addr", "int32"), ("romsize", "uint32"),
+    ("x-pcie-lnksta-dllla", "bool"), ("rombar", "uint32"), ("x-pcie-extcap-init", "bool"),
+    ("acpi-index", "uint32"), ("multifunction", "bool"), ("legacy-addr", "str"),
+    ("migrate-extra", "bool"), ("ats", "bool"), ("x-ignore-backend-features", "bool"),
+    ("x-pcie-pm-init", "bool"), ("aer", "bool"), ("x-pcie-flr-init", "bool"),
+    ("x-pcie-lnkctl-init", "bool"), ("x-ats-page-aligned", "bool"), ("page-per-vq", "bool"),
+    ("x-pcie-deverr-init", "bool"), ("virtio-pci-bus-master-bug-migration", "bool"),
+    ("modern-pio-notify", "bool"), ("x-disable-pcie", "bool"),
+    ("disable-legacy", "OnOffAuto"), ("disable-modern", "bool"),
+    ("free-page-reporting", "bool"), ("indirect_desc", "bool"),
+    ("virtio-pci-device-virtio-balloon[0]", "child<memory-region>"),
+    ("iommu_platform", "bool"), ("deflate-on-oom", "bool"), ("use-disabled-flag", "bool"),
+    ("event_idx", "bool"), ("bus master container[0]", "child<memory-region>"),
+    ("page-poison", "bool"), ("guest-stats-polling-interval", "int"),
+    ("guest-stats", "guest statistics"), ("x-disable-legacy-check", "bool"),
+    ("any_layout", "bool"), ("iothread", "link<iothread>"), ("notify_on_empty", "bool"),
+    ("virtio-pci-notify-virtio-balloon[0]", "child<memory-region>"), ("queue_reset", "bool"),
+    ("qemu-4-0-config-size", "bool"), ("packed", "bool"), ("use-started", "bool"),
+    ("free-page-hint", "bool"), ("virtio-pci[1]", "child<memory-region>"),
+    ("virtio-pci-notify-pio-virtio-balloon[0]", "child<memory-region>"),
+    ("virtio-pci-common-virtio-balloon[0]", "child<memory-region>"),
+    ("virtio-pci[0]", "child<memory-region>"),
+    ("virtio-pci-isr-virtio-balloon[0]", "child<memory-region>"),
+    ("bus master[0]", "child<memory-region>"), ("virtio-bus", "child<virtio-pci-bus>"),
+    ("virtio-backend", "child<virtio-balloon-device>"),
+)
+#: Plain values of other properties a client may read back to re-add the device.
+_FIXED_VALUES: Final[dict[str, Any]] = {
+    "multifunction": False, "disable-legacy": "off", "disable-modern": False,
+    "iothread": "", "packed": False, "iommu_platform": False, "failover_pair_id": "",
+    "romfile": "", "queue_reset": True, "use-started": True, "ats": False, "aer": False,
+}
 
 
 def device_path(dev_id: str) -> str:
@@ -55,6 +96,9 @@ def _not_found(path: str) -> CommandFailed:
     return CommandFailed(f"Device '{path}' not found", error_class="DeviceNotFound")
 
 
+LPC_PATH: Final = "/machine/unattached/device[2]"
+
+
 def _balloon_at(machine: SimMachine, path: str) -> SimBalloon | None:
     balloon = machine.balloon
     if balloon is not None and path in (device_path(balloon.dev_id), backend_path(balloon.dev_id)):
@@ -68,10 +112,28 @@ def get(machine: SimMachine, path: str, prop: str) -> Any:
     balloon = _balloon_at(machine, path)
     if balloon is not None:
         return _balloon_get(machine, balloon, path, prop)
-    for bus in ("pcie.0", "rp1"):
-        if path == bus_path(bus) and (bus == "pcie.0" or machine.spec.hotplug):
+    for bus in machine.buses:
+        if path == bus_path(bus):
             return _bus_get(bus, prop)
+        if bus != "pcie.0" and path == f"{PERIPHERAL}/{bus}":
+            return _port_get(bus, prop)
+    if path == LPC_PATH:
+        if prop == "type":
+            return "ICH9-LPC"
+        raise CommandFailed(f"Property 'ICH9-LPC.{prop}' not found")
+    if path == PERIPHERAL and prop == "type":
+        return "container"
     raise _not_found(path)
+
+
+def _port_get(bus: str, prop: str) -> Any:
+    if prop == "type":
+        return "pcie-root-port"
+    if prop == "parent_bus":
+        return ROOT_BUS_PATH
+    if prop == "realized":
+        return True
+    raise CommandFailed(f"Property 'pcie-root-port.{prop}' not found")
 
 
 def _type_name(balloon: SimBalloon, path: str) -> str:
@@ -87,12 +149,22 @@ def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str)
         return _type_name(balloon, path)
     if prop == "realized":
         return True
+    if prop == "hotpluggable":
+        # qdev's "hotpluggable": the device class allows it and its bus can hotplug.
+        return balloon.bus != "pcie.0"
+    if prop == "hotplugged":
+        return balloon.hotplugged
+    if prop == "addr":
+        # devfn: slot 1 on pcie.0 (after the host bridge), slot 0 behind a root port.
+        return 8 if balloon.bus == "pcie.0" else 0
+    if not path.endswith("/virtio-backend") and prop in _FIXED_VALUES:
+        return _FIXED_VALUES[prop]
     if prop == "parent_bus":
         if path.endswith("/virtio-backend"):
             return f"{device_path(balloon.dev_id)}/virtio-bus"
         return bus_path(balloon.bus)
     if prop in PROPERTIES[balloon.profile.name]:
-        feature, default = PROPERTIES[balloon.profile.name][prop]
+        _, default = PROPERTIES[balloon.profile.name][prop]
         return balloon.props.get(prop, default)
     raise CommandFailed(f"Property '{_type_name(balloon, path)}.{prop}' not found")
 
@@ -103,8 +175,11 @@ def _bus_get(bus: str, prop: str) -> Any:
     if prop == "realized":
         return True
     if prop == "hotplug-handler":
-        # pcie.0 on q35 has no hotplug handler; a root port's bus is handled by the port.
-        return "" if bus == "pcie.0" else f"{PERIPHERAL}/{bus}"
+        # q35's pcie.0 has no hotplug handler; a root port's bus is handled by ACPI PCI
+        # hotplug in the ICH9 LPC bridge (QEMU 7.2's q35 default).
+        return "" if bus == "pcie.0" else LPC_PATH
+    if prop == "acpi-pcihp-bsel" and bus != "pcie.0":
+        return 1 + ("rp1", "rp2").index(bus)
     raise CommandFailed(f"Property 'PCIE.{prop}' not found")
 
 
@@ -115,10 +190,13 @@ def set_(machine: SimMachine, path: str, prop: str, value: object) -> None:
         raise _not_found(path)
     if prop != "guest-stats-polling-interval":
         _balloon_get(machine, balloon, path, prop)  # unknown property: QEMU's error
-        raise CommandFailed(f"Property '{_type_name(balloon, path)}.{prop}' is not writable")
+        # guest-stats is an alias of the backend's property: QEMU names the backend's type.
+        owner = "virtio-balloon-device" if prop == "guest-stats" else _type_name(balloon, path)
+        raise CommandFailed(f"Property '{owner}.{prop}' is not writable")
     if not isinstance(value, int) or isinstance(value, bool):
-        raise CommandFailed("Invalid parameter type for 'guest-stats-polling-interval', "
-                            "expected: integer")
+        raise CommandFailed(
+            "Invalid parameter type for 'guest-stats-polling-interval', expected: integer"
+        )
     # balloon_stats_set_poll_interval
     if value < 0:
         raise CommandFailed("timer value must be greater than zero")
@@ -131,24 +209,27 @@ def list_(machine: SimMachine, path: str) -> list[JsonObject]:
     """qmp_qom_list: the properties balloonctl and QEMU users look at."""
     balloon = _balloon_at(machine, path)
     if balloon is not None:
-        props = [
-            {"name": "type", "type": "string"},
-            {"name": "realized", "type": "bool"},
-            {"name": "parent_bus", "type": "link<bus>"},
-            {"name": "guest-stats", "type": "guest-stats"},
-            {"name": "guest-stats-polling-interval", "type": "int"},
-        ]
-        props += [{"name": name, "type": "bool"} for name in PROPERTIES[balloon.profile.name]]
-        if not path.endswith("/virtio-backend"):
-            props.append({"name": "virtio-backend", "type": "child<virtio-balloon-device>"})
+        props = [{"name": name, "type": kind} for name, kind in _PCI_PROPERTIES]
+        if "sg" in PROPERTIES[balloon.profile.name]:
+            props.insert(-3, {"name": "sg", "type": "bool"})
         return props
-    for bus in ("pcie.0", "rp1"):
-        if path == bus_path(bus) and (bus == "pcie.0" or machine.spec.hotplug):
-            return [
-                {"name": "type", "type": "string"},
-                {"name": "realized", "type": "bool"},
-                {"name": "hotplug-handler", "type": "link<hotplug-handler>"},
-            ]
+    if path == PERIPHERAL:
+        children = [{"name": "type", "type": "string"}]
+        children += [
+            {"name": bus, "type": "child<pcie-root-port>"} for bus in machine.buses[1:]
+        ]
+        if machine.balloon is not None:
+            children.append({"name": machine.balloon.dev_id, "type": "child<virtio-balloon-pci>"})
+        return children
+    for bus in machine.buses:
+        if path == bus_path(bus):
+            props = [{"name": "type", "type": "string"}, {"name": "realized", "type": "bool"}]
+            if bus != "pcie.0":
+                props.append({"name": "acpi-pcihp-bsel", "type": "uint32"})
+            if machine.balloon is not None and machine.balloon.bus == bus:
+                props.append({"name": "child[0]", "type": "link<virtio-balloon-pci>"})
+            props.append({"name": "hotplug-handler", "type": "link<hotplug-handler>"})
+            return props
     raise _not_found(path)
 
 
@@ -162,22 +243,32 @@ def _guest_stats(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
 
 # --- x-query-virtio-status and friends ---------------------------------------------------------
 def _feature_strings(profile: Profile, mask: int) -> JsonObject:
-    transports: list[str] = []
-    device: list[str] = []
-    known = 0
-    for bit in profile.bits:
-        if mask & bit.mask:
-            known |= bit.mask
-            text = f"{bit.macro}: {bit.description}"
-            (device if bit.bit < 24 else transports).append(text)
+    """qmp_decode_features: transports in QEMU's map order, device bits highest first,
+    what QEMU has no string for as ``unknown-dev-features`` (present only when non-zero)."""
+    by_name = {bit.name: bit for bit in profile.bits}
+    transports = [
+        _describe(by_name[name]) for name in _TRANSPORT_ORDER
+        if name in by_name and mask & by_name[name].mask
+    ]
+    device = [
+        _describe(bit)
+        for bit in sorted(profile.device_features, key=lambda b: -b.bit)
+        if mask & bit.mask
+    ]
+    known = sum(
+        by_name[n].mask for n in _TRANSPORT_ORDER if n in by_name
+    ) | sum(bit.mask for bit in profile.device_features)
     out: JsonObject = {"transports": transports, "dev-features": device}
-    unknown = mask & ~known
-    if unknown:
-        out["unknown-dev-features"] = unknown
+    if mask & ~known:
+        out["unknown-dev-features"] = mask & ~known
     return out
 
 
 def _statuses(status: int) -> JsonObject:
+    # The driver model sets FEATURES_OK and DRIVER_OK; a Linux driver has set ACKNOWLEDGE and
+    # DRIVER before them (3.1.1), so a device past feature negotiation shows all four.
+    if status & (spec.DeviceStatus.FEATURES_OK | spec.DeviceStatus.DRIVER_OK):
+        status |= spec.DeviceStatus.ACKNOWLEDGE | spec.DeviceStatus.DRIVER
     return {"statuses": [text for flag, text in _STATUS_NAMES if status & flag]}
 
 
@@ -191,11 +282,11 @@ def virtio_status(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
         "device-endian": "little",
         "guest-features": _feature_strings(balloon.profile, device.acked),
         "host-features": _feature_strings(balloon.profile, device.offered),
-        "backend-features": {"transports": [], "dev-features": []},
+        "backend-features": {"transports": [], "dev-features": []},  # no vhost backend
         "num-vqs": len(device.queue_roles) if device.acked else _max_queues(balloon),
         "status": _statuses(device.status),
         "isr": 0,
-        "queue-sel": 0,
+        "queue-sel": max(0, len(device.queues) - 1),
         "vm-running": True,
         "broken": device.broken is not None,
         "disabled": False,
@@ -203,7 +294,7 @@ def virtio_status(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
         "started": bool(device.status & spec.DeviceStatus.DRIVER_OK),
         "start-on-kick": False,
         "disable-legacy-check": False,
-        "bus-name": f"{balloon.dev_id}.0" if False else "",
+        "bus-name": "",
         "use-guest-notifier-mask": True,
     }
 
@@ -244,7 +335,7 @@ def queue_status(balloon: SimBalloon, index: int) -> JsonObject:
         "shadow-avail-idx": queue.avail_idx(),
         "used-idx": queue.next_used,
         "signalled-used": queue.next_used,
-        "signalled-used-valid": True,
+        "signalled-used-valid": queue.event_idx and queue.next_used > 0,
     }
 
 
@@ -256,14 +347,17 @@ def queue_element(balloon: SimBalloon, index: int, element: object) -> JsonObjec
     _, queue = _queue(balloon, index)
     mem = queue.mem
     avail_idx = queue.avail_idx()
+    # QEMU 7.2 reads avail.ring[index % num] (index defaults to last_avail_idx) and shows
+    # the chain that slot names, whether or not the driver has made it available.
     if element is None:
-        # QEMU shows the next element the device will pop (or the last one if none is new).
-        slot = (queue.last_avail_idx - (1 if avail_idx == queue.last_avail_idx else 0)) & 0xFFFF
+        slot = queue.last_avail_idx
     else:
-        slot = int(element) & 0xFFFF
+        if not 0 <= int(element) <= 0xFFFF:
+            raise CommandFailed("Parameter 'index' expects uint16_t")
+        slot = int(element)
     head = mem.read_u16(queue.avail + spec.AVAIL_RING_OFF + 2 * (slot % queue.size))
     if head >= queue.size:
-        raise CommandFailed("Invalid descriptor head")
+        raise CommandFailed(f"Invalid descriptor head {head}")
     descs: list[JsonObject] = []
     i = head
     for _ in range(queue.size):
@@ -272,8 +366,10 @@ def queue_element(balloon: SimBalloon, index: int, element: object) -> JsonObjec
         length = int.from_bytes(raw[8:12], "little")
         flags = int.from_bytes(raw[12:14], "little")
         nxt = int.from_bytes(raw[14:16], "little")
-        descs.append({"addr": addr, "len": length,
-                      "flags": [name for bit, name in _FLAG_NAMES if flags & bit]})
+        descs.append(
+            {"addr": addr, "len": length,
+             "flags": [name for bit, name in _FLAG_NAMES if flags & bit]}
+        )
         if not flags & 1 or nxt >= queue.size:
             break
         i = nxt
@@ -281,12 +377,11 @@ def queue_element(balloon: SimBalloon, index: int, element: object) -> JsonObjec
         "name": "virtio-balloon",
         "index": head,
         "descs": descs,
-        "avail": {"flags": mem.read_u16(queue.avail), "idx": avail_idx,
-                  "ring": head},
+        "avail": {"flags": mem.read_u16(queue.avail), "idx": avail_idx, "ring": head},
         "used": {"flags": mem.read_u16(queue.used), "idx": mem.read_u16(queue.used + 2)},
     }
 
 
-def describe(bit: FeatureBit) -> str:
+def _describe(bit: FeatureBit) -> str:
     """A feature as QEMU 7.2 prints it."""
     return f"{bit.macro}: {bit.description}"

@@ -246,8 +246,8 @@ def test_hot_unplug_gives_ballooned_memory_back_and_replug_renegotiates(tmp_path
             await wait_actual(qmp, 128 * MiB)
             free_before = vm.guest.free_pages()
             assert await qmp.ok("device_del", {"id": "balloon0"}) == {}
-            again = await qmp.call("device_del", {"id": "balloon0"})
-            assert "already in the process of unplug" in again["error"]["desc"]
+            # QEMU 7.2 answers a repeated request while the unplug is pending with {}.
+            assert await qmp.ok("device_del", {"id": "balloon0"}) == {}
             first = await qmp.wait_event("DEVICE_DELETED")
             second = await qmp.wait_event("DEVICE_DELETED")
             assert first["data"] == {"path": BACKEND}
@@ -259,7 +259,7 @@ def test_hot_unplug_gives_ballooned_memory_back_and_replug_renegotiates(tmp_path
             }
             assert await qmp.ok("x-query-virtio") == []
             await qmp.ok("device_add", {"driver": "virtio-balloon-pci", "id": "balloon0",
-                                        "bus": "rp1", "sg": "off"})
+                                        "bus": "rp1", "deflate-on-oom": "on", "sg": "off"})
             await wait_driver_ok(qmp)
             status = await qmp.ok("x-query-virtio-status", {"path": BACKEND})
             assert not any("F_SG" in f for f in status["host-features"]["dev-features"])
