@@ -333,13 +333,10 @@ class SimMachine:
         )
 
     async def _quit(self, args: Mapping[str, Any]) -> None:
-        # qmp_quit only requests the shutdown: the reply goes out first, then the main loop
-        # sends SHUTDOWN and QEMU exits, closing the socket.
-        asyncio.get_running_loop().call_soon(self._shutdown)
-
-    def _shutdown(self) -> None:
+        # QEMU 7.2 sends SHUTDOWN before quit's reply (transcripts/qemu-7.2/quit.json), then
+        # exits and the socket closes.
         self.qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        self._on_quit(self)
+        asyncio.get_running_loop().call_soon(self._on_quit, self)
 
     # --- for qom.py -------------------------------------------------------------------------------
     @property
