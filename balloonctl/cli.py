@@ -7,6 +7,7 @@ Exit codes (DESIGN.md): 0 done; 1 the operation failed; 2 usage or configuration
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -153,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=_cmd_sim)
 
-    demo = commands.add_parser(
-        "demo", help="a scripted tour on two simulated VMs (about a minute)"
-    )
+    demo = commands.add_parser("demo", help="a scripted tour on two simulated VMs (about a minute)")
     demo.add_argument(
-        "--duration", type=_seconds, default=12.0, metavar="S",
+        "--duration",
+        type=_seconds,
+        default=12.0,
+        metavar="S",
         help="seconds of live stats in the tour (default 12)",
     )
     demo.set_defaults(func=_cmd_demo)
@@ -337,10 +339,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                 sys.stdout.write(vmcmds.render_stats(report) + "\n")
             sys.stdout.flush()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
         asyncio.run(watch())
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a watch ends
     return EXIT_OK
 
 
@@ -410,9 +410,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         raise UsageError(f"--qmp-dir {args.qmp_dir} is not a directory")
     base = VmSpec(
         profile=args.profile,
-        guest=GuestSpec(
-            memory=args.memory, workload=args.workload, time_scale=args.time_scale
-        ),
+        guest=GuestSpec(memory=args.memory, workload=args.workload, time_scale=args.time_scale),
         rate=args.rate,
         hotplug=args.hotplug,
     )

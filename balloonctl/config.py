@@ -124,7 +124,7 @@ def _vm(where: str, entry: dict[str, Any]) -> VmConfig:
         except UsageError as exc:
             raise ConfigError(f"{where}.min: {exc}") from exc
     if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
-        raise ConfigError(f"{where}.min: must be a size such as \"1G\" or a byte count")
+        raise ConfigError(f'{where}.min: must be a size such as "1G" or a byte count')
     shares = entry.get("shares", DEFAULT_SHARES)
     if not isinstance(shares, int) or isinstance(shares, bool) or shares <= 0:
         raise ConfigError(f"{where}.shares: must be a positive integer")

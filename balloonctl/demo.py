@@ -56,8 +56,15 @@ def start_vms(qmp_dir: str, specs: dict[str, list[str]]) -> list[subprocess.Pope
     """One ``balloonctl sim`` process per VM."""
     procs = []
     for name, extra in specs.items():
-        argv = [sys.executable, "-m", "balloonctl", "sim",
-                "--qmp", os.path.join(qmp_dir, f"{name}.sock"), *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "balloonctl",
+            "sim",
+            "--qmp",
+            os.path.join(qmp_dir, f"{name}.sock"),
+            *extra,
+        ]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return procs
 
@@ -103,17 +110,20 @@ async def tour(demo: Demo, duration: float) -> None:
 
     demo.say("Deflate: web gets its memory back.")
     demo.command("set $DIR/web.sock 2G --wait")
-    demo.show(_set_line(await vmcmds.set_target(web, 2 * GiB, wait=True, timeout=60,
-                                                 config=Config(None))))
+    demo.show(
+        _set_line(await vmcmds.set_target(web, 2 * GiB, wait=True, timeout=60, config=Config(None)))
+    )
 
-    demo.say("Renegotiate live: replug web's balloon without SG; the guest falls back to "
-             "256-PFN arrays.")
+    demo.say(
+        "Renegotiate live: replug web's balloon without SG; the guest falls back to 256-PFN arrays."
+    )
     demo.command("negotiate $DIR/web.sock --disable sg --yes")
     after = await vmcmds.negotiate(web, [], ["sg"])
     demo.show(vmcmds.render_features(after, names))
     demo.command("set $DIR/web.sock 1G --wait")
-    demo.show(_set_line(await vmcmds.set_target(web, GiB, wait=True, timeout=60,
-                                                 config=Config(None))))
+    demo.show(
+        _set_line(await vmcmds.set_target(web, GiB, wait=True, timeout=60, config=Config(None)))
+    )
     demo.command("negotiate $DIR/web.sock --enable sg --yes")
     after = await vmcmds.negotiate(web, ["sg"], [])
     demo.show(f"sg offered: {after['sg']['offered']}, acked: {after['sg']['acked']}\n")
@@ -121,8 +131,10 @@ async def tour(demo: Demo, duration: float) -> None:
 
 def _set_line(result: vmcmds.SetResult) -> str:
     state = "reached" if result.reached else "NOT reached"
-    return (f"{result.vm.rsplit('/', 1)[-1]}: target {format_size(result.target)}, actual "
-            f"{format_size(result.actual)} ({state} after {result.elapsed:.2f} s)\n")
+    return (
+        f"{result.vm.rsplit('/', 1)[-1]}: target {format_size(result.target)}, actual "
+        f"{format_size(result.actual)} ({state} after {result.elapsed:.2f} s)\n"
+    )
 
 
 async def _watch(demo: Demo, vm: str, duration: float) -> None:
@@ -132,9 +144,11 @@ async def _watch(demo: Demo, vm: str, duration: float) -> None:
     stream = vmcmds.watch_stats(vm, 1, notice=demo.out)
     async for report in stream:
         s = report["stats"]
-        demo.show(f"{time.monotonic() - t0:5.1f}s  {format_size(s['free-memory']):>10}  "
-                  f"{format_size(s['available-memory']):>10}  "
-                  f"{format_size(s['disk-caches']):>11}\n")
+        demo.show(
+            f"{time.monotonic() - t0:5.1f}s  {format_size(s['free-memory']):>10}  "
+            f"{format_size(s['available-memory']):>10}  "
+            f"{format_size(s['disk-caches']):>11}\n"
+        )
         if time.monotonic() >= end:
             break
     await stream.aclose()  # type: ignore[attr-defined]
@@ -143,11 +157,15 @@ async def _watch(demo: Demo, vm: str, duration: float) -> None:
 def run(duration: float, out: TextIO = sys.stdout) -> int:
     """Start the VMs, run the tour, stop the VMs; 0 when every step worked."""
     with tempfile.TemporaryDirectory(prefix="balloonctl-demo-") as qmp_dir:
-        procs = start_vms(qmp_dir, {
-            "web": ["--workload", "steady"],
-            "batch": ["--workload", "spiky", "--time-scale", "3"],
-        })
+        procs = start_vms(
+            qmp_dir,
+            {
+                "web": ["--workload", "steady"],
+                "batch": ["--workload", "spiky", "--time-scale", "3"],
+            },
+        )
         try:
+
             async def main() -> None:
                 for name in ("web", "batch"):
                     await wait_ready(os.path.join(qmp_dir, f"{name}.sock"))

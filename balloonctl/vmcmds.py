@@ -168,9 +168,7 @@ class Progress:
         done = min(1.0, abs(actual - self.start) / span)
         width = 30
         bar = "#" * int(done * width) + "-" * (width - int(done * width))
-        line = (
-            f"\r[{bar}] {format_size(actual)} -> {format_size(self.target)} {done * 100:3.0f}%"
-        )
+        line = f"\r[{bar}] {format_size(actual)} -> {format_size(self.target)} {done * 100:3.0f}%"
         if line != self._last:
             self.stream.write(line)
             self.stream.flush()
@@ -300,9 +298,9 @@ async def _next_reading(backend: Backend, after: int, period: int) -> GuestStats
         await asyncio.sleep(0.1)
 
 
-async def watch_stats(vm: str, period: int | None, notice: TextIO = sys.stderr) -> AsyncIterator[
-    dict[str, Any]
-]:
+async def watch_stats(
+    vm: str, period: int | None, notice: TextIO = sys.stderr
+) -> AsyncIterator[dict[str, Any]]:
     """Every new reading, until the connection drops (ConnectionLost: exit 1)."""
     async with open_vm(vm) as backend:
         used = await _ensure_polling(backend, period, notice)
@@ -388,8 +386,13 @@ async def list_vms(config: Config, qmp_dir: str | None) -> dict[str, Any]:
 
 
 async def _probe(name: str, address: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"vm": name, "address": address, "state": "unreachable",
-                           "actual_bytes": None, "max_bytes": None}
+    row: dict[str, Any] = {
+        "vm": name,
+        "address": address,
+        "state": "unreachable",
+        "actual_bytes": None,
+        "max_bytes": None,
+    }
     try:
         async with open_vm(address, connect_timeout=2.0) as backend:
             row["max_bytes"] = await backend.max_memory()
@@ -406,8 +409,7 @@ def render_list(report: dict[str, Any]) -> str:
     """A table; an empty list says where VMs come from."""
     if not report["vms"]:
         return (
-            "no VMs configured: add [[vm]] qmp = PATH to the config file "
-            "(or use --qmp-dir DIR)\n"
+            "no VMs configured: add [[vm]] qmp = PATH to the config file (or use --qmp-dir DIR)\n"
         )
     lines = [f"{'VM':<16}{'STATE':<12}{'ACTUAL':>12}{'MAX':>12}  ADDRESS"]
     for row in report["vms"]:
@@ -415,4 +417,3 @@ def render_list(report: dict[str, Any]) -> str:
         ram = format_size(row["max_bytes"]) if row["max_bytes"] is not None else "-"
         lines.append(f"{row['vm']:<16}{row['state']:<12}{actual:>12}{ram:>12}  {row['address']}")
     return "\n".join(lines) + "\n"
-

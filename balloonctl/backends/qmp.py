@@ -32,7 +32,7 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
@@ -430,18 +430,20 @@ _RUNSTATE_POLL: Final = 0.2
 
 
 async def _next_event(
-    client: QMPClient, listener: BoundedEventListener, vm: str, what: str
+    alive: Callable[[], bool], listener: BoundedEventListener, vm: str, what: str
 ) -> Message:
     """The next event of ``listener``; :class:`ConnectionLost` if the connection drops first.
 
-    Without the runstate check a waiter would sleep forever on a dead socket: ``qemu.qmp``
-    tells listeners nothing when the reader task ends.
+    Without the check a waiter would sleep forever on a dead socket: ``qemu.qmp`` tells
+    listeners nothing when the reader task ends. ``alive`` is false once the session the
+    listener was waiting on is over, even if another command has reconnected since: events
+    of the gap are lost, and the caller must know.
     """
     while True:
         event = listener.get_nowait()
         if event is not None:
             return event
-        if client.runstate is not Runstate.RUNNING:
+        if not alive():
             raise ConnectionLost(f"connection to VM {vm} lost while waiting for {what}")
         await listener.wait(_RUNSTATE_POLL)
 
@@ -454,16 +456,16 @@ def _balloon_change_actual(event: Message) -> int:
 class _ActualValues:
     """The async iterator :meth:`QmpBackend.watch_actual` yields: BALLOON_CHANGE ``actual``s."""
 
-    def __init__(self, vm: str, client: QMPClient, listener: BoundedEventListener) -> None:
+    def __init__(self, vm: str, alive: Callable[[], bool], listener: BoundedEventListener) -> None:
         self._vm = vm
-        self._client = client
+        self._alive = alive
         self._listener = listener
 
     def __aiter__(self) -> _ActualValues:
         return self
 
     async def __anext__(self) -> int:
-        event = await _next_event(self._client, self._listener, self._vm, "BALLOON_CHANGE")
+        event = await _next_event(self._alive, self._listener, self._vm, "BALLOON_CHANGE")
         return _balloon_change_actual(event)
 
 
@@ -578,6 +580,13 @@ class _ReplugPlan:
         """device_add arguments for the balloon with the new features."""
         return {**self.original, **self.changes}
 
+    @property
+    def minimal(self) -> dict[str, object]:
+        """The old balloon with only its id, bus, slot and feature properties: the last resort
+        when QEMU will not take back some other property it reported."""
+        keep = {"driver", "id", "bus", "addr", *FEATURE_PROPERTIES.values()}
+        return {k: v for k, v in self.original.items() if k in keep}
+
 
 class QmpBackend:
     """One VM's balloon through its QMP monitor (implements :class:`~.base.Backend`).
@@ -608,6 +617,11 @@ class QmpBackend:
         self._command_timeout = command_timeout
         self._client: QMPClient | None = None
         self._connect_lock = asyncio.Lock()
+        self._end_lock = asyncio.Lock()
+        #: Counts connections: a failure is tied to the session it happened on.
+        self._session = 0
+        #: (session, the exception that ended it) for the last session torn down.
+        self._session_end: tuple[int, BaseException | None] | None = None
         self._location: BalloonLocation | None = None
 
     def __repr__(self) -> str:
@@ -624,7 +638,7 @@ class QmpBackend:
         """Disconnect. A failure while hanging up is logged, not raised: the work is over."""
         client = self._client
         if client is not None and client.runstate is not Runstate.IDLE:
-            cause = await self._reap(client)
+            cause = await self._end_session(client, self._session)
             if cause is not None:
                 _LOG.debug("while disconnecting from %s: %r", self.name, cause)
         self._location = None
@@ -656,6 +670,34 @@ class QmpBackend:
             return exc
         return None
 
+    async def _end_session(self, client: QMPClient, session: int) -> BaseException | None:
+        """Tear down ``session`` once, however many commands saw it fail; why it ended.
+
+        Two commands failing on one dropped connection must not both disconnect: the second
+        could tear down the fresh connection the first one's retry has opened.
+        """
+        async with self._end_lock:
+            if self._session_end is not None and self._session_end[0] == session:
+                return self._session_end[1]
+            if session != self._session or client.runstate is Runstate.IDLE:
+                return None
+            cause = await self._reap(client)
+            self._session_end = (session, cause)
+            return cause
+
+    def _alive(self, session: int) -> Callable[[], bool]:
+        """Whether ``session`` is still the running connection (for event waiters)."""
+
+        def alive() -> bool:
+            client = self._client
+            return (
+                session == self._session
+                and client is not None
+                and client.runstate is Runstate.RUNNING
+            )
+
+        return alive
+
     def _check_socket_path(self, path: str) -> None:
         """Refuse a path that exists but is not a socket, before any retry wastes time."""
         try:
@@ -680,10 +722,11 @@ class QmpBackend:
             if client.runstate is Runstate.RUNNING:
                 return client
             if client.runstate is not Runstate.IDLE:
-                cause = await self._reap(client)
+                cause = await self._end_session(client, self._session)
                 _LOG.debug("reconnecting to %s after %r", self.name, cause)
             self._location = None
             await self._connect(client)
+            self._session += 1
             return client
 
     async def _connect(self, client: QMPClient) -> None:
@@ -751,6 +794,7 @@ class QmpBackend:
     async def _execute_once(self, command: str, arguments: Mapping[str, object] | None) -> object:
         """Send ``command`` once; every failure mapped to a :class:`BalloonError`."""
         client = await self._connected()
+        session = self._session
         _LOG.debug("%s -> %s %s", self.name, command, json.dumps(arguments) if arguments else "")
         try:
             async with asyncio.timeout(self._command_timeout):
@@ -765,7 +809,7 @@ class QmpBackend:
                 f"{_one_line(exc.error_message)}"
             ) from exc
         except (ExecInterruptedError, StateError) as exc:
-            cause = await self._reap(client)
+            cause = await self._end_session(client, session)
             if cause is not None and not isinstance(cause, EOFError | OSError):
                 raise PeerError(
                     f"VM {self.name} sent {_protocol_trouble(cause)} during {command}"
@@ -811,14 +855,23 @@ class QmpBackend:
 
     async def _locate(self) -> BalloonLocation:
         """The balloon's QOM paths: from x-query-virtio, else /machine/peripheral/balloon0."""
+        await self._connected()  # a reconnect forgets the cached paths
         if self._location is not None:
             return self._location
         try:
-            location = locate_balloon(await self._execute("x-query-virtio"))
+            reply = await self._execute("x-query-virtio")
         except CommandFailed as exc:
             # CommandNotFound before QEMU 7.2.
             _LOG.debug("x-query-virtio unavailable (%s); assuming %s", exc, DEFAULT_BALLOON_PATH)
             location = None
+        else:
+            location = locate_balloon(reply)
+            if location is None:
+                # The class query-balloon answers with, so callers test one class for it.
+                raise CommandFailed(
+                    f"VM {self.name} has no balloon device (x-query-virtio lists none)",
+                    error_class="DeviceNotActive",
+                )
         if location is None:
             location = BalloonLocation(
                 device=DEFAULT_BALLOON_PATH, backend=f"{DEFAULT_BALLOON_PATH}/{_BACKEND_CHILD}"
@@ -891,10 +944,11 @@ class QmpBackend:
         been missed, so a consumer should re-read :meth:`actual` before it goes on.
         """
         client = await self._connected()
+        alive = self._alive(self._session)
         listener = BoundedEventListener("BALLOON_CHANGE", maxlen=self.WATCH_BACKLOG)
         # qemu.qmp 0.0.6: listen() yields None, so the listener is made first (real-qemu-lab.md).
         with client.listen(listener):
-            yield _ActualValues(self.name, client, listener)
+            yield _ActualValues(self.name, alive, listener)
 
     # ---------------------------------------------------------------- renegotiate
 
@@ -1075,10 +1129,11 @@ class QmpBackend:
         listener = BoundedEventListener("DEVICE_DELETED", maxlen=8, event_filter=is_ours)
         with client.listen(listener):
             await self._execute("device_del", {"id": plan.target})
+            alive = self._alive(self._session)
             self._location = None
             try:
                 async with asyncio.timeout(self._command_timeout):
-                    await _next_event(client, listener, self.name, "DEVICE_DELETED")
+                    await _next_event(alive, listener, self.name, "DEVICE_DELETED")
             except TimeoutError as exc:
                 raise OperationTimeout(
                     f"VM {self.name} did not release the balloon {plan.target} within "
@@ -1092,18 +1147,28 @@ class QmpBackend:
         try:
             await self._execute("device_add", plan.replacement)
         except CommandFailed as refused:
-            try:
-                await self._execute("device_add", plan.original)
-            except BalloonError as again:
+            again: BalloonError | None = None
+            attempts = [plan.original]
+            if plan.minimal != plan.original:
+                attempts.append(plan.minimal)
+            for arguments in attempts:
+                try:
+                    await self._execute("device_add", arguments)
+                except CommandFailed as exc:
+                    again = exc
+                    continue
+                except BalloonError as exc:  # the connection went: no second guess
+                    again = exc
+                    break
+                how = "unchanged" if arguments is plan.original else "with its features only"
                 raise CommandFailed(
-                    f"{refused}; putting the old balloon back failed too ({again}): the VM has "
-                    f"no balloon now, re-add it with device_add {json.dumps(plan.original)}",
-                    error_class=refused.error_class,
-                ) from again
+                    f"{refused}; the balloon was put back {how}", error_class=refused.error_class
+                ) from refused
             raise CommandFailed(
-                f"{refused}; the balloon was put back unchanged",
+                f"{refused}; putting the old balloon back failed too ({again}): the VM has "
+                f"no balloon now, re-add it with device_add {json.dumps(plan.original)}",
                 error_class=refused.error_class,
-            ) from refused
+            ) from again
 
     async def _wait_driver_ok(self) -> None:
         """Poll x-query-virtio-status until the guest driver sets DRIVER_OK (spec 3.1.1)."""

@@ -60,9 +60,7 @@ PROPERTIES: Final[Mapping[str, Mapping[str, tuple[str, bool]]]] = {
 #: A Linux 6.1 guest on QEMU 7.2 acks EVENT_IDX and VERSION_1 but not INDIRECT_DESC
 #: (fixtures/transcripts/qemu-7.2/introspect.json); the virtio-1.2 sim's guest does the same.
 _GUEST_FEATURES: Final = {
-    "virtio-1.2": (
-        *DRIVER_FEATURES["virtio-1.2"], "page-reporting", "ring-event-idx", "version-1"
-    ),
+    "virtio-1.2": (*DRIVER_FEATURES["virtio-1.2"], "page-reporting", "ring-event-idx", "version-1"),
     "seed-sg": (*DRIVER_FEATURES["seed-sg"], *TRANSPORT_FEATURES),
 }
 
@@ -90,9 +88,7 @@ class _Transport:
         self.balloon.device.set_features(acked)
 
     def setup_queue(self, index: int, layout: RingLayout) -> None:
-        self.balloon.device.attach_queue(
-            index, layout.size, layout.desc, layout.avail, layout.used
-        )
+        self.balloon.device.attach_queue(index, layout.size, layout.desc, layout.avail, layout.used)
 
     def notify(self, index: int) -> None:
         device = self.balloon.device
@@ -330,4 +326,3 @@ class SimBalloon:
     def driver_ok(self) -> bool:
         """Whether the guest's driver finished probing."""
         return bool(self.device.status & spec.DeviceStatus.DRIVER_OK)
-

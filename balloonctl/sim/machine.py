@@ -202,8 +202,7 @@ class SimMachine:
             ("quit", self._quit, (), False),
         ]
         return {
-            name: Command(name, handler, params, extra)
-            for name, handler, params, extra in table
+            name: Command(name, handler, params, extra) for name, handler, params, extra in table
         }
 
     async def _query_balloon(self, args: Mapping[str, Any]) -> JsonObject:
@@ -268,9 +267,7 @@ class SimMachine:
             pos, end = addr, addr + max(0, size)
             while pos < end:
                 n = min(end - pos, 1 << 20)
-                chunk = (
-                    self.guest.mem.read(pos, n) if self.guest.mem.contains(pos, n) else bytes(n)
-                )
+                chunk = self.guest.mem.read(pos, n) if self.guest.mem.contains(pos, n) else bytes(n)
                 out.write(chunk)
                 pos += n
 

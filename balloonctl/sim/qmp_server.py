@@ -336,8 +336,12 @@ class QmpServer:
         try:
             self._write(
                 session,
-                {"QMP": {"version": {"qemu": self.version, "package": self.package},
-                         "capabilities": ["oob"]}},
+                {
+                    "QMP": {
+                        "version": {"qemu": self.version, "package": self.package},
+                        "capabilities": ["oob"],
+                    }
+                },
             )
             while True:
                 data = await reader.read(65536)

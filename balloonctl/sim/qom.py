@@ -31,49 +31,97 @@ _STATUS_NAMES: Final = (
     (spec.DeviceStatus.DRIVER, "VIRTIO_CONFIG_S_DRIVER: Guest OS compatible with device"),
     (spec.DeviceStatus.FEATURES_OK, "VIRTIO_CONFIG_S_FEATURES_OK: Feature negotiation complete"),
     (spec.DeviceStatus.DRIVER_OK, "VIRTIO_CONFIG_S_DRIVER_OK: Driver setup and ready"),
-    (spec.DeviceStatus.NEEDS_RESET, "VIRTIO_CONFIG_S_NEEDS_RESET: Irrecoverable error, device needs reset"),
+    (
+        spec.DeviceStatus.NEEDS_RESET,
+        "VIRTIO_CONFIG_S_NEEDS_RESET: Irrecoverable error, device needs reset",
+    ),
     (spec.DeviceStatus.FAILED, "VIRTIO_CONFIG_S_FAILED: Error in guest, device failed"),
 )
 #: Transport feature strings in the order QEMU 7.2 lists them (virtio_transport_map).
 _TRANSPORT_ORDER: Final = (
-    "ring-event-idx", "ring-indirect-desc", "version-1", "any-layout", "notify-on-empty",
+    "ring-event-idx",
+    "ring-indirect-desc",
+    "version-1",
+    "any-layout",
+    "notify-on-empty",
 )
 #: qom-list of a virtio-balloon-pci in QEMU 7.2, as recorded (fixtures/transcripts/qemu-7.2/
 #: introspect.json); the seed-sg device adds its "sg" property.
 _PCI_PROPERTIES: Final = (
-    ("type", "string"), ("parent_bus", "link<bus>"), ("realized", "bool"),
-    ("hotplugged", "bool"), ("hotpluggable", "bool"), ("failover_pair_id", "str"),
-    ("romfile", "str"), ("addr", "int32"), ("romsize", "uint32"),
-    ("x-pcie-lnksta-dllla", "bool"), ("rombar", "uint32"), ("x-pcie-extcap-init", "bool"),
-    ("acpi-index", "uint32"), ("multifunction", "bool"), ("legacy-addr", "str"),
-    ("migrate-extra", "bool"), ("ats", "bool"), ("x-ignore-backend-features", "bool"),
-    ("x-pcie-pm-init", "bool"), ("aer", "bool"), ("x-pcie-flr-init", "bool"),
-    ("x-pcie-lnkctl-init", "bool"), ("x-ats-page-aligned", "bool"), ("page-per-vq", "bool"),
-    ("x-pcie-deverr-init", "bool"), ("virtio-pci-bus-master-bug-migration", "bool"),
-    ("modern-pio-notify", "bool"), ("x-disable-pcie", "bool"),
-    ("disable-legacy", "OnOffAuto"), ("disable-modern", "bool"),
-    ("free-page-reporting", "bool"), ("indirect_desc", "bool"),
+    ("type", "string"),
+    ("parent_bus", "link<bus>"),
+    ("realized", "bool"),
+    ("hotplugged", "bool"),
+    ("hotpluggable", "bool"),
+    ("failover_pair_id", "str"),
+    ("romfile", "str"),
+    ("addr", "int32"),
+    ("romsize", "uint32"),
+    ("x-pcie-lnksta-dllla", "bool"),
+    ("rombar", "uint32"),
+    ("x-pcie-extcap-init", "bool"),
+    ("acpi-index", "uint32"),
+    ("multifunction", "bool"),
+    ("legacy-addr", "str"),
+    ("migrate-extra", "bool"),
+    ("ats", "bool"),
+    ("x-ignore-backend-features", "bool"),
+    ("x-pcie-pm-init", "bool"),
+    ("aer", "bool"),
+    ("x-pcie-flr-init", "bool"),
+    ("x-pcie-lnkctl-init", "bool"),
+    ("x-ats-page-aligned", "bool"),
+    ("page-per-vq", "bool"),
+    ("x-pcie-deverr-init", "bool"),
+    ("virtio-pci-bus-master-bug-migration", "bool"),
+    ("modern-pio-notify", "bool"),
+    ("x-disable-pcie", "bool"),
+    ("disable-legacy", "OnOffAuto"),
+    ("disable-modern", "bool"),
+    ("free-page-reporting", "bool"),
+    ("indirect_desc", "bool"),
     ("virtio-pci-device-virtio-balloon[0]", "child<memory-region>"),
-    ("iommu_platform", "bool"), ("deflate-on-oom", "bool"), ("use-disabled-flag", "bool"),
-    ("event_idx", "bool"), ("bus master container[0]", "child<memory-region>"),
-    ("page-poison", "bool"), ("guest-stats-polling-interval", "int"),
-    ("guest-stats", "guest statistics"), ("x-disable-legacy-check", "bool"),
-    ("any_layout", "bool"), ("iothread", "link<iothread>"), ("notify_on_empty", "bool"),
-    ("virtio-pci-notify-virtio-balloon[0]", "child<memory-region>"), ("queue_reset", "bool"),
-    ("qemu-4-0-config-size", "bool"), ("packed", "bool"), ("use-started", "bool"),
-    ("free-page-hint", "bool"), ("virtio-pci[1]", "child<memory-region>"),
+    ("iommu_platform", "bool"),
+    ("deflate-on-oom", "bool"),
+    ("use-disabled-flag", "bool"),
+    ("event_idx", "bool"),
+    ("bus master container[0]", "child<memory-region>"),
+    ("page-poison", "bool"),
+    ("guest-stats-polling-interval", "int"),
+    ("guest-stats", "guest statistics"),
+    ("x-disable-legacy-check", "bool"),
+    ("any_layout", "bool"),
+    ("iothread", "link<iothread>"),
+    ("notify_on_empty", "bool"),
+    ("virtio-pci-notify-virtio-balloon[0]", "child<memory-region>"),
+    ("queue_reset", "bool"),
+    ("qemu-4-0-config-size", "bool"),
+    ("packed", "bool"),
+    ("use-started", "bool"),
+    ("free-page-hint", "bool"),
+    ("virtio-pci[1]", "child<memory-region>"),
     ("virtio-pci-notify-pio-virtio-balloon[0]", "child<memory-region>"),
     ("virtio-pci-common-virtio-balloon[0]", "child<memory-region>"),
     ("virtio-pci[0]", "child<memory-region>"),
     ("virtio-pci-isr-virtio-balloon[0]", "child<memory-region>"),
-    ("bus master[0]", "child<memory-region>"), ("virtio-bus", "child<virtio-pci-bus>"),
+    ("bus master[0]", "child<memory-region>"),
+    ("virtio-bus", "child<virtio-pci-bus>"),
     ("virtio-backend", "child<virtio-balloon-device>"),
 )
 #: Plain values of other properties a client may read back to re-add the device.
 _FIXED_VALUES: Final[dict[str, Any]] = {
-    "multifunction": False, "disable-legacy": "off", "disable-modern": False,
-    "iothread": "", "packed": False, "iommu_platform": False, "failover_pair_id": "",
-    "romfile": "", "queue_reset": True, "use-started": True, "ats": False, "aer": False,
+    "multifunction": False,
+    "disable-legacy": "off",
+    "disable-modern": False,
+    "iothread": "",
+    "packed": False,
+    "iommu_platform": False,
+    "failover_pair_id": "",
+    "romfile": "",
+    "queue_reset": True,
+    "use-started": True,
+    "ats": False,
+    "aer": False,
 }
 
 
@@ -215,9 +263,7 @@ def list_(machine: SimMachine, path: str) -> list[JsonObject]:
         return props
     if path == PERIPHERAL:
         children = [{"name": "type", "type": "string"}]
-        children += [
-            {"name": bus, "type": "child<pcie-root-port>"} for bus in machine.buses[1:]
-        ]
+        children += [{"name": bus, "type": "child<pcie-root-port>"} for bus in machine.buses[1:]]
         if machine.balloon is not None:
             children.append({"name": machine.balloon.dev_id, "type": "child<virtio-balloon-pci>"})
         return children
@@ -247,7 +293,8 @@ def _feature_strings(profile: Profile, mask: int) -> JsonObject:
     what QEMU has no string for as ``unknown-dev-features`` (present only when non-zero)."""
     by_name = {bit.name: bit for bit in profile.bits}
     transports = [
-        _describe(by_name[name]) for name in _TRANSPORT_ORDER
+        _describe(by_name[name])
+        for name in _TRANSPORT_ORDER
         if name in by_name and mask & by_name[name].mask
     ]
     device = [
@@ -255,9 +302,9 @@ def _feature_strings(profile: Profile, mask: int) -> JsonObject:
         for bit in sorted(profile.device_features, key=lambda b: -b.bit)
         if mask & bit.mask
     ]
-    known = sum(
-        by_name[n].mask for n in _TRANSPORT_ORDER if n in by_name
-    ) | sum(bit.mask for bit in profile.device_features)
+    known = sum(by_name[n].mask for n in _TRANSPORT_ORDER if n in by_name) | sum(
+        bit.mask for bit in profile.device_features
+    )
     out: JsonObject = {"transports": transports, "dev-features": device}
     if mask & ~known:
         out["unknown-dev-features"] = mask & ~known
@@ -304,7 +351,8 @@ def _max_queues(balloon: SimBalloon) -> int:
     # feature offered (free page hint, reporting).
     offered = balloon.device.offered
     extra = sum(
-        1 for name in ("free-page-hint", "page-reporting")
+        1
+        for name in ("free-page-hint", "page-reporting")
         if any(b.name == name for b in balloon.profile.bits) and balloon.profile.has(offered, name)
     )
     return 3 + extra
@@ -342,7 +390,7 @@ def queue_status(balloon: SimBalloon, index: int) -> JsonObject:
 _FLAG_NAMES: Final = ((1, "next"), (2, "write"), (4, "indirect"))
 
 
-def queue_element(balloon: SimBalloon, index: int, element: object) -> JsonObject:
+def queue_element(balloon: SimBalloon, index: int, element: int | None) -> JsonObject:
     """x-query-virtio-queue-element: the chain an avail entry names, without consuming it."""
     _, queue = _queue(balloon, index)
     mem = queue.mem
@@ -352,9 +400,9 @@ def queue_element(balloon: SimBalloon, index: int, element: object) -> JsonObjec
     if element is None:
         slot = queue.last_avail_idx
     else:
-        if not 0 <= int(element) <= 0xFFFF:
+        if not 0 <= element <= 0xFFFF:
             raise CommandFailed("Parameter 'index' expects uint16_t")
-        slot = int(element)
+        slot = element
     head = mem.read_u16(queue.avail + spec.AVAIL_RING_OFF + 2 * (slot % queue.size))
     if head >= queue.size:
         raise CommandFailed(f"Invalid descriptor head {head}")
@@ -367,8 +415,11 @@ def queue_element(balloon: SimBalloon, index: int, element: object) -> JsonObjec
         flags = int.from_bytes(raw[12:14], "little")
         nxt = int.from_bytes(raw[14:16], "little")
         descs.append(
-            {"addr": addr, "len": length,
-             "flags": [name for bit, name in _FLAG_NAMES if flags & bit]}
+            {
+                "addr": addr,
+                "len": length,
+                "flags": [name for bit, name in _FLAG_NAMES if flags & bit],
+            }
         )
         if not flags & 1 or nxt >= queue.size:
             break

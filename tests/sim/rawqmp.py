@@ -4,6 +4,7 @@ any type, malformed input, events in order with their timestamps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -79,7 +80,5 @@ class RawQmp:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, BrokenPipeError):
             await self.writer.wait_closed()
-        except (ConnectionError, BrokenPipeError):
-            pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -83,11 +85,12 @@ def test_balloon_change_events_are_throttled_to_one_a_second(tmp_path: Path) -> 
             events = [e for e in qmp.events if e["event"] == "BALLOON_CHANGE"]
             assert events[-1]["data"]["actual"] == 128 * MiB
             assert len(events) >= 2
-            stamps = [e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
-                      for e in events]
+            stamps = [
+                e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6 for e in events
+            ]
             # Each event is built when actual changes; one goes out per period, so the
             # ones that do go out are at least a period apart, except the final catch-up.
-            gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            gaps = [b - a for a, b in itertools.pairwise(stamps)]
             assert all(g > 0 for g in gaps)
             assert len(events) <= 2 + int(sum(gaps)) + 1
 
@@ -99,7 +102,10 @@ def test_balloon_change_events_are_throttled_to_one_a_second(tmp_path: Path) -> 
     [
         ({"value": 0}, ("GenericError", "Parameter 'target' expects a size")),
         ({"value": -1}, ("GenericError", "Parameter 'target' expects a size")),
-        ({"value": "1G"}, ("GenericError", "Invalid parameter type for 'value', expected: integer")),
+        (
+            {"value": "1G"},
+            ("GenericError", "Invalid parameter type for 'value', expected: integer"),
+        ),
         ({"value": 1.5}, ("GenericError", "Invalid parameter type for 'value', expected: integer")),
         ({}, ("GenericError", "Parameter 'value' is missing")),
         ({"value": 1 << 30, "x": 1}, ("GenericError", "Parameter 'x' is unexpected")),
@@ -157,7 +163,9 @@ def test_stats_refresh_at_the_polling_interval(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_vm(tmp_path, workload="steady") as (_, qmp):
             assert (
-                await qmp.ok("qom-get", {"path": BALLOON, "property": "guest-stats-polling-interval"})
+                await qmp.ok(
+                    "qom-get", {"path": BALLOON, "property": "guest-stats-polling-interval"}
+                )
                 == 0
             )
             await qmp.ok(
@@ -232,8 +240,9 @@ async def replug(qmp: RawQmp, props: dict[str, str]) -> None:
     assert await qmp.ok("device_del", {"id": "balloon0"}) == {}
     await qmp.wait_event("DEVICE_DELETED")
     await qmp.wait_event("DEVICE_DELETED")
-    await qmp.ok("device_add", {"driver": "virtio-balloon-pci", "id": "balloon0", "bus": "rp1",
-                                **props})
+    await qmp.ok(
+        "device_add", {"driver": "virtio-balloon-pci", "id": "balloon0", "bus": "rp1", **props}
+    )
     await wait_driver_ok(qmp)
 
 
@@ -255,11 +264,20 @@ def test_hot_unplug_gives_ballooned_memory_back_and_replug_renegotiates(tmp_path
             assert vm.guest.free_pages() >= free_before + ((128 * MiB) >> 12)
             reply = await qmp.call("query-balloon")
             assert reply["error"] == {
-                "class": "DeviceNotActive", "desc": "No balloon device has been activated"
+                "class": "DeviceNotActive",
+                "desc": "No balloon device has been activated",
             }
             assert await qmp.ok("x-query-virtio") == []
-            await qmp.ok("device_add", {"driver": "virtio-balloon-pci", "id": "balloon0",
-                                        "bus": "rp1", "deflate-on-oom": "on", "sg": "off"})
+            await qmp.ok(
+                "device_add",
+                {
+                    "driver": "virtio-balloon-pci",
+                    "id": "balloon0",
+                    "bus": "rp1",
+                    "deflate-on-oom": "on",
+                    "sg": "off",
+                },
+            )
             await wait_driver_ok(qmp)
             status = await qmp.ok("x-query-virtio-status", {"path": BACKEND})
             assert not any("F_SG" in f for f in status["host-features"]["dev-features"])
@@ -294,19 +312,23 @@ def test_pmemsave_dumps_the_rings_and_our_parser_reads_the_stats_queue(tmp_path:
             await asyncio.sleep(0.6)
             queue = await qmp.ok("x-query-virtio-queue-status", {"path": BACKEND, "queue": 2})
             dump = tmp_path / "ram.img"
-            assert await qmp.ok(
-                "pmemsave", {"val": 0, "size": 256 * MiB, "filename": str(dump)}
-            ) == {}
+            assert (
+                await qmp.ok("pmemsave", {"val": 0, "size": 256 * MiB, "filename": str(dump)}) == {}
+            )
             stats = await qmp.ok("qom-get", {"path": BALLOON, "property": "guest-stats"})
             with GuestMemory([Region.from_file(0, str(dump))]) as mem:
                 # The stats buffer the device holds is in flight: parse from before it.
                 params = RingParams(
-                    queue["vring-num"], queue["vring-desc"], queue["vring-avail"],
-                    queue["vring-used"], (queue["last-avail-idx"] - 1) & 0xFFFF,
+                    queue["vring-num"],
+                    queue["vring-desc"],
+                    queue["vring-avail"],
+                    queue["vring-used"],
+                    (queue["last-avail-idx"] - 1) & 0xFFFF,
                 )
                 parsed = parse_ring(mem, params, Decode.STATS)
             assert parsed["error"] is None
-            decoded = parsed["chains"][-1]["stats"]
+            chain: dict[str, Any] = parsed["chains"][-1]  # type: ignore[index]
+            decoded = chain["stats"]
             assert decoded["free-memory"] == stats["stats"]["stat-free-memory"]
             assert decoded["total-memory"] == 256 * MiB
 
@@ -315,7 +337,7 @@ def test_pmemsave_dumps_the_rings_and_our_parser_reads_the_stats_queue(tmp_path:
 
 def test_quit_replies_then_sends_shutdown_and_hangs_up(tmp_path: Path) -> None:
     async def body() -> None:
-        async with running_vm(tmp_path) as (vm, qmp):
+        async with running_vm(tmp_path) as (_, qmp):
             assert await qmp.ok("quit") == {}
             event = await qmp.wait_event("SHUTDOWN")
             assert event["data"] == {"guest": False, "reason": "host-qmp-quit"}
@@ -330,7 +352,8 @@ def test_unknown_command_and_handshake(tmp_path: Path) -> None:
         async with running_vm(tmp_path) as (_, qmp):
             reply = await qmp.call("migrate", {"uri": "x"})
             assert reply["error"] == {
-                "class": "CommandNotFound", "desc": "The command migrate has not been found"
+                "class": "CommandNotFound",
+                "desc": "The command migrate has not been found",
             }
             reply = await qmp.call("qmp_capabilities")
             assert reply["error"]["class"] == "CommandNotFound"
@@ -338,8 +361,6 @@ def test_unknown_command_and_handshake(tmp_path: Path) -> None:
             assert (version["major"], version["minor"]) == (7, 2)
             for ident in (7, "x", {"a": [1]}):
                 raw = {"execute": "query-status", "id": ident}
-                import json
-
                 reply = await qmp.send_raw(json.dumps(raw).encode())
                 assert reply["id"] == ident
 

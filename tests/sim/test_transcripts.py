@@ -26,7 +26,9 @@ GiB = 1 << 30
 
 #: Values that depend on time, guest addresses, RAM layout or QEMU's build: shape only.
 VOLATILE_COMMANDS = {
-    "query-balloon", "x-query-virtio-queue-status", "x-query-virtio-queue-element",
+    "query-balloon",
+    "x-query-virtio-queue-status",
+    "x-query-virtio-queue-element",
     "query-version",
 }
 #: Optional QAPI members QEMU fills only for bits it has no name for (bits 30 and 40 here).
@@ -54,7 +56,9 @@ def shape_diff(expected: Any, actual: Any, where: str = "$") -> str | None:
         pairs = (
             zip(expected, actual, strict=True)
             if len(expected) == len(actual)
-            else ((expected[0], item) for item in actual) if expected else iter(())
+            else ((expected[0], item) for item in actual)
+            if expected
+            else iter(())
         )
         for want, got in pairs:
             problem = shape_diff(want, got, f"{where}[]")
@@ -146,7 +150,9 @@ async def replay(path: Path, tmp_path: Path) -> None:
                     raw = json.dumps(
                         {**send, "arguments": {**send["arguments"], "filename": filename}}
                     ).encode()
-                    exchange = json.loads(json.dumps(exchange).replace("{tmp}", str(tmp_path)))
+                    exchange = json.loads(  # noqa: PLW2901 - the recorded {tmp}, made ours
+                        json.dumps(exchange).replace("{tmp}", str(tmp_path))
+                    )
             client.writer.write(raw)
             await client.writer.drain()
             if exchange["recv"] is None:
@@ -200,5 +206,11 @@ def test_sim_answers_as_qemu_7_2_did(path: Path, tmp_path: Path) -> None:
 
 def test_every_scenario_was_recorded() -> None:
     assert {p.stem for p in FILES} >= {
-        "handshake", "balloon", "stats", "introspect", "hotplug", "nohotplug", "quit"
+        "handshake",
+        "balloon",
+        "stats",
+        "introspect",
+        "hotplug",
+        "nohotplug",
+        "quit",
     }
