@@ -36,6 +36,19 @@ DEFAULT_PERIOD_S: Final = 2
 MEMORY_STATS: Final = frozenset(
     {"free-memory", "total-memory", "available-memory", "disk-caches", "swap-in", "swap-out"}
 )
+#: How a person reads the stats: memory first, then paging, then hugetlb.
+STAT_ORDER: Final = (
+    "total-memory",
+    "free-memory",
+    "available-memory",
+    "disk-caches",
+    "swap-in",
+    "swap-out",
+    "major-faults",
+    "minor-faults",
+    "htlb-pgalloc",
+    "htlb-pgfail",
+)
 SG_ON_V12: Final = (
     "SG does not exist on this device: virtio 1.2 gave bit 3 to free-page-hint, and the "
     "seed's VIRTIO_BALLOON_F_SG was never merged. Its merged relative is free page "
@@ -47,7 +60,9 @@ def open_vm(name: str, connect_timeout: float = 5.0) -> Backend:
     """The backend for a VM name (DESIGN.md: a QMP socket address, or a libvirt domain)."""
     from balloonctl.backends.address import looks_like_qmp_address  # noqa: PLC0415
 
-    if looks_like_qmp_address(name):
+    # libvirt domain names cannot contain "/": anything with one is a socket path, and a
+    # missing one is reported as such rather than looked up in libvirt.
+    if looks_like_qmp_address(name) or "/" in name:
         from balloonctl.backends.qmp import QmpBackend  # noqa: PLC0415
 
         return QmpBackend(name, connect_timeout=connect_timeout)
@@ -250,7 +265,8 @@ def render_stats(report: dict[str, Any]) -> str:
     last = report["last_update"]
     age = f"{max(0.0, time.time() - last):.1f} s ago" if last else "never"
     lines = [f"VM        {report['vm']}", f"updated   {age}"]
-    for name, value in report["stats"].items():
+    order = {name: i for i, name in enumerate(STAT_ORDER)}
+    for name, value in sorted(report["stats"].items(), key=lambda kv: order.get(kv[0], 99)):
         shown = format_size(value) if name in MEMORY_STATS else str(value)
         lines.append(f"{name:<18}{shown:>14}")
     return "\n".join(lines) + "\n"

@@ -82,9 +82,7 @@ class Backend(Protocol):
     async def features(self) -> FeatureState:
         """Offered and acked feature bits of the balloon."""
 
-    async def renegotiate(
-        self, enable: Collection[str], disable: Collection[str]
-    ) -> FeatureState:
+    async def renegotiate(self, enable: Collection[str], disable: Collection[str]) -> FeatureState:
         """Replug the balloon offering ``enable`` and not ``disable`` (feature names as in
         :class:`FeatureState`: ``deflate-on-oom``, ``page-reporting``, ``sg``, ...; the
         backend maps them to device properties); the guest re-probes.

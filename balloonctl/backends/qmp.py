@@ -222,6 +222,18 @@ def decode_guest_stats(reply: object) -> GuestStats:
     return GuestStats(last_update=last_update, stats=stats)
 
 
+def profile_hint(reply: object) -> str | None:
+    """The profile an x-query-virtio-status reply's feature names point to, if any."""
+    obj = _as_object(reply, "x-query-virtio-status")
+    for key in ("host-features", "device-features", "guest-features"):
+        features = obj.get(key)
+        if isinstance(features, dict):
+            hint = parse_qemu_features(features).profile_hint
+            if hint is not None:
+                return hint
+    return None
+
+
 def device_status_names(status: object) -> tuple[str, ...]:
     """``status.statuses`` of x-query-virtio-status as short names (``VIRTIO_CONFIG_S_...``).
 
@@ -244,14 +256,17 @@ def _driver_ok(names: Iterable[str]) -> bool:
     return any(n in (_DRIVER_OK, _DRIVER_OK_DESCRIPTION) for n in names)
 
 
-def decode_virtio_status(reply: object, path: str = "") -> FeatureState:
+def decode_virtio_status(
+    reply: object, path: str = "", *, profile_name: str | None = None
+) -> FeatureState:
     """``x-query-virtio-status`` -> :class:`FeatureState`.
 
     ``host-features`` is what the device offers and ``guest-features`` what the driver acked
     (qapi/virtio.json VirtioStatus, QEMU 7.2). The profile is the one the device's own
     feature names point to: a device naming ``VIRTIO_BALLOON_F_SG`` is ``seed-sg``; anything
-    else reads bit 3 as virtio 1.2 does (DESIGN.md). Bits the profile has no name for are kept
-    in ``unknown_offered``/``unknown_acked``, never guessed at.
+    else reads bit 3 as virtio 1.2 does (DESIGN.md). ``profile_name`` is for a caller that
+    knows better (a seed-sg device with SG switched off names no seed-only feature). Bits the
+    profile has no name for are kept in ``unknown_offered``/``unknown_acked``, never guessed at.
     """
     obj = _as_object(reply, "x-query-virtio-status")
     offered_raw = obj.get("host-features", obj.get("device-features"))
@@ -260,7 +275,9 @@ def decode_virtio_status(reply: object, path: str = "") -> FeatureState:
     acked = parse_qemu_features(_as_object(acked_raw, "x-query-virtio-status: guest-features"))
     for text in offered.unrecognised + acked.unrecognised:
         _LOG.debug("x-query-virtio-status: feature string not understood: %r", text)
-    profile = get_profile(offered.profile_hint or acked.profile_hint or "virtio-1.2")
+    profile = get_profile(
+        profile_name or offered.profile_hint or acked.profile_hint or "virtio-1.2"
+    )
     known = 0
     for bit in profile.bits:
         known |= bit.mask
@@ -931,9 +948,22 @@ class QmpBackend:
         return await self._execute("x-query-virtio-status", {"path": location.backend})
 
     async def features(self) -> FeatureState:
-        """Offered and acked features from ``x-query-virtio-status`` (QEMU >= 7.2)."""
+        """Offered and acked features from ``x-query-virtio-status`` (QEMU >= 7.2).
+
+        When no feature name tells the profile (a seed-sg device with SG off offers nothing
+        QEMU's balloon could not), the device's ``sg`` property does: only the seed-sg
+        device has one.
+        """
         location = await self._locate()
-        return decode_virtio_status(await self._virtio_status(location), location.backend)
+        reply = await self._virtio_status(location)
+        profile_name: str | None = None
+        if profile_hint(reply) is None:
+            try:
+                has_sg = isinstance(await self._qom_get(location.device, "sg"), bool)
+            except CommandFailed:
+                has_sg = False
+            profile_name = "seed-sg" if has_sg else None
+        return decode_virtio_status(reply, location.backend, profile_name=profile_name)
 
     @asynccontextmanager
     async def watch_actual(self) -> AsyncIterator[AsyncIterator[int]]:
@@ -1078,18 +1108,25 @@ class QmpBackend:
         bus = bus_path.rstrip("/").rpartition("/")[2]
         await self._require_hotplug(location, bus_path, bus, driver)
 
-        current: dict[str, object] = {}
-        for prop in changes:
+        # Every feature property the device has, read and carried explicitly whatever its
+        # default: they are the point of the exercise, and a QEMU (or the simulated VM) without
+        # device-list-properties must not lose them.
+        current: dict[str, bool] = {}
+        for feature, prop in FEATURE_PROPERTIES.items():
             try:
-                current[prop] = await self._qom_get(location.device, prop)
+                value = await self._qom_get(location.device, prop)
             except CommandFailed as exc:
-                feature = next(f for f, p in FEATURE_PROPERTIES.items() if p == prop)
-                hint = " (sg exists only on the seed-sg device)" if prop == "sg" else ""
-                raise UsageError(
-                    f"this balloon ({driver}) has no property {prop!r}, so {feature} cannot be "
-                    f"changed on it{hint}"
-                ) from exc
-        if all(_same(current[prop], value) for prop, value in changes.items()):
+                if prop in changes:
+                    hint = " (sg exists only on the seed-sg device)" if prop == "sg" else ""
+                    raise UsageError(
+                        f"this balloon ({driver}) has no property {prop!r}, so {feature} "
+                        f"cannot be changed on it{hint}"
+                    ) from exc
+                continue
+            if not isinstance(value, bool):
+                raise PeerError(f"qom-get {prop}: not a boolean")
+            current[prop] = value
+        if all(current[prop] is value for prop, value in changes.items()):
             return None
 
         carried = await self._carried_properties(location, driver)
@@ -1098,7 +1135,7 @@ class QmpBackend:
             original["id"] = location.device_id
         original["bus"] = bus
         original.update(carried)
-        original.update({p: v for p, v in current.items() if isinstance(v, bool)})
+        original.update(current)
         try:
             stats_period = await self.stats_period()
         except CommandFailed:
