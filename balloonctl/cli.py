@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration",
         type=_seconds,
-        default=12.0,
+        default=15.0,
         metavar="S",
-        help="seconds of live stats in the tour (default 12)",
+        help="seconds of live stats in the tour (default 15)",
     )
     demo.set_defaults(func=_cmd_demo)
 

@@ -161,7 +161,7 @@ def run(duration: float, out: TextIO = sys.stdout) -> int:
             qmp_dir,
             {
                 "web": ["--workload", "steady"],
-                "batch": ["--workload", "spiky", "--time-scale", "3"],
+                "batch": ["--workload", "spiky", "--time-scale", "2"],
             },
         )
         try:
