@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -258,6 +259,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _address(args: argparse.Namespace) -> str:
+    """The VM argument, with a configured [[vm]] name replaced by its socket."""
+    address: str = _config(args).address(args.vm)
+    return address
+
+
 def _config(args: argparse.Namespace) -> Any:
     from balloonctl.config import load  # noqa: PLC0415
 
@@ -278,7 +285,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from balloonctl import vmcmds  # noqa: PLC0415
 
-    return _emit(args, asyncio.run(vmcmds.status(args.vm)), vmcmds.render_status)
+    return _emit(args, asyncio.run(vmcmds.status(_address(args))), vmcmds.render_status)
 
 
 def _cmd_set(args: argparse.Namespace) -> int:
@@ -311,9 +318,10 @@ def _cmd_set(args: argparse.Namespace) -> int:
 
     _emit(args, report, human)
     if args.wait and not result.reached:
+        why = result.error or f"timed out after {args.timeout:g} s"
         print(
-            f"balloonctl: error: timed out after {args.timeout:g} s at "
-            f"{format_size(result.actual)} of {format_size(result.target)}",
+            f"balloonctl: error: {why}; reached {format_size(result.actual)} of "
+            f"{format_size(result.target)}",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -326,11 +334,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from balloonctl import vmcmds  # noqa: PLC0415
 
     if not args.watch:
-        return _emit(args, asyncio.run(vmcmds.stats(args.vm, args.period)), vmcmds.render_stats)
+        report = asyncio.run(vmcmds.stats(_address(args), args.period))
+        return _emit(args, report, vmcmds.render_stats)
 
     async def watch() -> None:
         live = sys.stdout.isatty() and not args.json
-        async for report in vmcmds.watch_stats(args.vm, args.period):
+        async for report in vmcmds.watch_stats(_address(args), args.period):
             if args.json:
                 sys.stdout.write(json.dumps(report) + "\n")
             elif live:
@@ -349,7 +358,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     from balloonctl import vmcmds  # noqa: PLC0415
 
-    report, names = asyncio.run(vmcmds.features(args.vm))
+    report, names = asyncio.run(vmcmds.features(_address(args)))
     return _emit(args, report, lambda r: vmcmds.render_features(r, names))
 
 
@@ -363,7 +372,7 @@ def _cmd_negotiate(args: argparse.Namespace) -> int:
             "negotiate unplugs and replugs the balloon (the guest gets its ballooned memory "
             "back meanwhile); add --yes to go ahead"
         )
-    report = asyncio.run(vmcmds.negotiate(args.vm, args.enable, args.disable))
+    report = asyncio.run(vmcmds.negotiate(_address(args), args.enable, args.disable))
     return _emit(args, report, lambda r: vmcmds.render_features(r, list(r["offered"])))
 
 
@@ -399,9 +408,12 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from balloonctl.sim.guest import GuestSpec  # noqa: PLC0415
     from balloonctl.sim.machine import VmSpec  # noqa: PLC0415
     from balloonctl.sim.runner import layout, serve  # noqa: PLC0415
+    from balloonctl.units import format_size  # noqa: PLC0415
 
     if args.memory < 64 << 20:
         raise UsageError("--memory must be at least 64M")
+    if args.memory % 4096:
+        raise UsageError("--memory must be a whole number of 4 KiB pages")
     if args.rate <= 0:
         raise UsageError("--rate must be positive")
     if not 0 < args.time_scale <= 1000:
@@ -417,7 +429,11 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     vms = layout(base, args.qmp, args.count, args.qmp_dir)
     try:
         return asyncio.run(serve(vms))
+    except MemoryError as exc:
+        raise UsageError(f"cannot map {format_size(args.memory)} of guest RAM") from exc
     except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            raise UsageError(f"cannot map {format_size(args.memory)} of guest RAM") from exc
         raise UsageError(f"cannot serve QMP: {exc.strerror or exc}") from exc
 
 

@@ -46,12 +46,34 @@ class Config:
     vms: tuple[VmConfig, ...] = ()
 
     def find(self, vm: str) -> VmConfig | None:
-        """The entry a VM name (entry name, socket path or ``unix:`` address) refers to."""
-        plain = vm.removeprefix("unix:")
+        """The entry a VM name (entry name, socket path or ``unix:`` address) refers to.
+
+        Paths are compared as files (device and inode, else the resolved path), so a floor
+        cannot be dodged by spelling the socket ``./a.sock``, ``//tmp/a.sock`` or via a link.
+        """
         for entry in self.vms:
-            if vm == entry.name or plain == entry.qmp:
+            if vm == entry.name:
+                return entry
+        key = _file_key(vm.removeprefix("unix:"))
+        for entry in self.vms:
+            if key == _file_key(entry.qmp):
                 return entry
         return None
+
+    def address(self, vm: str) -> str:
+        """What to connect to for ``vm``: a configured entry's socket, else ``vm`` itself."""
+        for entry in self.vms:
+            if vm == entry.name:
+                return entry.qmp
+        return vm
+
+
+def _file_key(path: str) -> tuple[int, int] | str:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.realpath(path) if path and not path.startswith("tcp:") else path
+    return (st.st_dev, st.st_ino)
 
 
 def default_path() -> str | None:
@@ -86,6 +108,8 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     return _parse(path, data)
 
 

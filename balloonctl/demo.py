@@ -65,7 +65,10 @@ def start_vms(qmp_dir: str, specs: dict[str, list[str]]) -> list[subprocess.Pope
             os.path.join(qmp_dir, f"{name}.sock"),
             *extra,
         ]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        # The sims' own log goes next to their sockets: a pipe nobody reads could fill up.
+        log = open(os.path.join(qmp_dir, f"{name}.log"), "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log))
+        log.close()
     return procs
 
 
@@ -151,7 +154,7 @@ async def _watch(demo: Demo, vm: str, duration: float) -> None:
         )
         if time.monotonic() >= end:
             break
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
 
 
 def run(duration: float, out: TextIO = sys.stdout) -> int:

@@ -11,7 +11,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
@@ -20,7 +20,6 @@ from balloonctl.config import Config
 from balloonctl.errors import (
     BalloonError,
     CommandFailed,
-    ConnectionLost,
     OperationTimeout,
     UsageError,
     VmUnreachable,
@@ -143,6 +142,8 @@ class SetResult:
     actual: int
     reached: bool
     elapsed: float
+    #: Why the wait ended early (the VM went away or stopped answering), if it did.
+    error: str | None = None
 
     def report(self) -> dict[str, Any]:
         """DESIGN.md's ``set`` object."""
@@ -215,9 +216,11 @@ async def set_target(
         raise UsageError("size must be positive")
     check_floor(vm, size, config)
     t0 = time.monotonic()
-    async with open_vm(vm) as backend:
+    async with open_vm(config.address(vm)) as backend:
         ram = await backend.max_memory()
         target = min(size, ram)
+        # A target clamped to RAM may still be below a floor set above the VM's RAM.
+        check_floor(vm, target, config)
         start = await backend.actual()
         # The balloon command itself is never retried: its outcome would be unknown.
         await backend.set_target(target)
@@ -237,14 +240,24 @@ async def set_target(
 async def _wait_for(
     backend: Backend, result: SetResult, bar: Progress, t0: float, timeout: float
 ) -> None:
+    """Poll until actual is the target, the deadline passes, or the VM is lost; a lost VM
+    ends the wait with ``result.error`` set, so the caller still reports what was reached."""
     deadline = t0 + timeout
     while True:
+        remaining = deadline - time.monotonic()
         try:
-            result.actual = await backend.actual()
-        except ConnectionLost as exc:
-            raise ConnectionLost(
-                f"{exc}; reached {format_size(result.actual)} of {format_size(result.target)}"
-            ) from exc
+            async with asyncio.timeout(max(0.0, remaining)):
+                result.actual = await backend.actual()
+        except TimeoutError:
+            return  # a VM that stops answering: the deadline still holds
+        except (UsageError, CommandFailed) as exc:
+            if isinstance(exc, UsageError):
+                raise
+            result.error = str(exc)
+            return
+        except BalloonError as exc:
+            result.error = str(exc)
+            return
         bar.update(result.actual)
         if close_enough(result.actual, result.target):
             result.reached = True
@@ -274,6 +287,10 @@ def render_stats(report: dict[str, Any]) -> str:
 
 async def _ensure_polling(backend: Backend, period: int | None, notice: TextIO) -> int:
     current = await backend.stats_period()
+    if period == 0:
+        # --period 0 turns the guest's polling off; what it last sent stays readable.
+        await backend.set_stats_period(0)
+        return 0
     if period is not None and period != current:
         await backend.set_stats_period(period)
         return period
@@ -295,7 +312,7 @@ async def stats(vm: str, period: int | None, notice: TextIO = sys.stderr) -> dic
         was = await backend.stats_period()
         used = await _ensure_polling(backend, period, notice)
         reading = before
-        if was == 0 or not before.last_update:
+        if used and (was == 0 or not before.last_update):
             reading = await _next_reading(backend, before.last_update, used)
     return stats_report(vm, reading)
 
@@ -316,8 +333,10 @@ async def _next_reading(backend: Backend, after: int, period: int) -> GuestStats
 
 async def watch_stats(
     vm: str, period: int | None, notice: TextIO = sys.stderr
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """Every new reading, until the connection drops (ConnectionLost: exit 1)."""
+    if period == 0:
+        raise UsageError("--period 0 turns stats polling off: there would be nothing to watch")
     async with open_vm(vm) as backend:
         used = await _ensure_polling(backend, period, notice)
         last = -1
@@ -326,7 +345,7 @@ async def watch_stats(
             if reading.last_update != last:
                 last = reading.last_update
                 yield stats_report(vm, reading)
-            await asyncio.sleep(min(0.5, used / 4))
+            await asyncio.sleep(max(0.1, min(0.5, used / 4)))
 
 
 # --- features / negotiate -------------------------------------------------------------------------
@@ -379,8 +398,16 @@ async def negotiate(vm: str, enable: list[str], disable: list[str]) -> dict[str,
         before = await backend.features()
         if "sg" in enable and before.profile != "seed-sg":
             raise CommandFailed(SG_ON_V12)
+        actual = await backend.actual()
+        ram = await backend.max_memory()
         after = await backend.renegotiate(enable, disable)
-    return features_json(vm, after)
+        if actual < ram:
+            # The replug gave the guest its ballooned memory back; ask for the same size
+            # again, as libvirt keeps currentMemory across a balloon's re-plug.
+            await backend.set_target(actual)
+    report = features_json(vm, after)
+    report["target_bytes"] = actual
+    return report
 
 
 # --- list ---------------------------------------------------------------------------------

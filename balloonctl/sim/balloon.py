@@ -23,7 +23,6 @@ from balloonctl.guest.allocator import PageState
 from balloonctl.guest.driver import DRIVER_FEATURES, TRANSPORT_FEATURES, BalloonDriver
 from balloonctl.sim.guest import SimGuest
 from balloonctl.units import PAGE_SHIFT
-from balloonctl.virtio import spec
 from balloonctl.virtio.balloon import BalloonDevice
 from balloonctl.virtio.features import Profile
 from balloonctl.virtio.mock import RingLayout
@@ -321,8 +320,3 @@ class SimBalloon:
         updated = self.device.stats_updated
         values = dict(self.device.stats.values) if self.device.stats is not None else {}
         return (int(updated) if updated else 0, values)
-
-    @property
-    def driver_ok(self) -> bool:
-        """Whether the guest's driver finished probing."""
-        return bool(self.device.status & spec.DeviceStatus.DRIVER_OK)

@@ -24,7 +24,7 @@ from balloonctl.sim import qom
 from balloonctl.sim.balloon import PROPERTIES, SimBalloon
 from balloonctl.sim.guest import GuestSpec, SimGuest
 from balloonctl.sim.qmp_server import Command, JsonObject, Param, QmpServer
-from balloonctl.units import PAGE_SHIFT, PAGE_SIZE
+from balloonctl.units import PAGE_SHIFT
 from balloonctl.virtio import spec
 from balloonctl.virtio.features import get_profile
 
@@ -182,13 +182,17 @@ class SimMachine:
             (
                 "x-query-virtio-queue-status",
                 self._x_queue_status,
-                (Param("path", "str"), Param("queue", "uint")),
+                (Param("path", "str"), Param("queue", "uint16")),
                 False,
             ),
             (
                 "x-query-virtio-queue-element",
                 self._x_queue_element,
-                (Param("path", "str"), Param("queue", "uint"), Param("index", "uint", True)),
+                (
+                    Param("path", "str"),
+                    Param("queue", "uint16"),
+                    Param("index", "uint16", True),
+                ),
                 False,
             ),
             (
@@ -257,14 +261,23 @@ class SimMachine:
 
     async def _pmemsave(self, args: Mapping[str, Any]) -> None:
         addr, size, filename = int(args["val"]), int(args["size"]), str(args["filename"])
+        if size > max(self.ram, 1 << 30):
+            # QEMU would write whatever was asked; a simulated VM bounds the work a client
+            # can make it do (the ring inspection needs at most the whole RAM).
+            raise CommandFailed(f"the simulated VM saves at most {self.ram} bytes at a time")
         try:
             fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
             raise CommandFailed(f"Could not open '{filename}': {exc.strerror}") from exc
+        try:
+            await asyncio.to_thread(self._save, fd, addr, max(0, size))
+        except OSError as exc:
+            raise CommandFailed("An IO error has occurred") from exc  # QERR_IO_ERROR
+
+    def _save(self, fd: int, addr: int, size: int) -> None:
+        # cpu_physical_memory_read: addresses outside RAM read as zeros here.
         with os.fdopen(fd, "wb") as out:
-            # cpu_physical_memory_read: addresses outside RAM read as zeros here (QEMU
-            # reads unassigned memory as all-ones or zeros depending on the region).
-            pos, end = addr, addr + max(0, size)
+            pos, end = addr, addr + size
             while pos < end:
                 n = min(end - pos, 1 << 20)
                 chunk = self.guest.mem.read(pos, n) if self.guest.mem.contains(pos, n) else bytes(n)
@@ -314,6 +327,7 @@ class SimMachine:
         if balloon.unplugging:
             return  # QEMU 7.2 repeats the request and answers {} again
         balloon.unplugging = True
+        self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.create_task(self._unplug_later(balloon)))
 
     async def _unplug_later(self, balloon: SimBalloon) -> None:
@@ -333,14 +347,10 @@ class SimMachine:
         # QEMU 7.2 sends SHUTDOWN before quit's reply (transcripts/qemu-7.2/quit.json), then
         # exits and the socket closes.
         self.qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.qmp.shut_down()
         asyncio.get_running_loop().call_soon(self._on_quit, self)
 
     # --- for qom.py -------------------------------------------------------------------------------
-    @property
-    def page_size(self) -> int:
-        """Guest page size."""
-        return PAGE_SIZE
-
     @property
     def stat_names(self) -> tuple[str, ...]:
         """QEMU 7.2's balloon_stat_names (VIRTIO_BALLOON_S_NR = 10)."""

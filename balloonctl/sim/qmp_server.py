@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from balloonctl.errors import CommandFailed
+from balloonctl.errors import CommandFailed, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ MAX_NESTING: Final = 1024
 _TYPE_NAMES: Final = {
     "int": "integer",
     "uint": "integer",
+    "uint16": "integer",
     "size": "integer",
     "number": "number",
     "str": "string",
@@ -80,6 +82,8 @@ def _type_ok(kind: str, value: object) -> bool:
         return isinstance(value, int | float)
     if kind == "int":
         return isinstance(value, int) and -(1 << 63) <= value < (1 << 63)
+    if kind == "uint16":
+        return isinstance(value, int) and -(1 << 63) <= value < (1 << 64)
     # uint / size: QEMU's qobject input visitor takes 0..2**64-1, and negative int64s
     # converted (qnum_get_try_uint); keep the common range.
     return isinstance(value, int) and -(1 << 63) <= value < (1 << 64)
@@ -96,10 +100,14 @@ def check_arguments(command: Command, arguments: Mapping[str, Any]) -> None:
             if not param.optional:
                 raise CommandFailed(f"Parameter '{param.name}' is missing")
             continue
-        if not _type_ok(param.kind, arguments[param.name]):
+        value = arguments[param.name]
+        if not _type_ok(param.kind, value):
             raise CommandFailed(
                 f"Invalid parameter type for '{param.name}', expected: {_TYPE_NAMES[param.kind]}"
             )
+        if param.kind == "uint16" and not 0 <= value <= 0xFFFF:
+            # visit_type_uint16: in range or "Parameter 'index' expects uint16_t"
+            raise CommandFailed(f"Parameter '{param.name}' expects uint16_t")
     if not command.extra_ok:
         known = {p.name for p in command.params}
         unexpected = glib_order([name for name in arguments if name not in known])
@@ -182,15 +190,30 @@ class JsonSplitter:
         self._depth = 0
         self._in_string = False
         self._escape = False
+        self._skipping = False
         self.too_big = False
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Return the complete texts in ``data`` and what came before it."""
+        """Return the complete texts in ``data`` and what came before it.
+
+        A text longer than MAX_MESSAGE (inside a string or not) is cut off and reported
+        once (``too_big``); the rest of it, up to the next newline, is dropped.
+        """
         out: list[bytes] = []
         for byte in data:
+            if self._skipping:
+                if byte == 0x0A:
+                    self._skipping = False
+                continue
             if not self._buf and self._depth == 0 and byte in b" \t\r\n":
                 continue
             self._buf.append(byte)
+            if len(self._buf) > MAX_MESSAGE:
+                self.too_big = True
+                out.append(b"")
+                self._reset()
+                self._skipping = True
+                continue
             if self._in_string:
                 if self._escape:
                     self._escape = False
@@ -207,10 +230,6 @@ class JsonSplitter:
                 self._depth -= 1
             if (self._depth <= 0 and byte in b"}]\n") or self._depth > MAX_NESTING:
                 out.append(bytes(self._buf))
-                self._reset()
-            elif len(self._buf) > MAX_MESSAGE:
-                self.too_big = True
-                out.append(bytes(self._buf[:64]))
                 self._reset()
         return out
 
@@ -275,14 +294,21 @@ class QmpServer:
     _sessions: set[_Session] = field(default_factory=set)
     _throttles: dict[str, EventThrottle] = field(default_factory=dict)
     _server: asyncio.Server | None = None
+    closing: bool = False
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, path: str) -> None:
-        """Listen on ``path`` (a unix socket; a stale one there is replaced)."""
-        with contextlib.suppress(FileNotFoundError):
-            import os  # noqa: PLC0415
-
-            os.unlink(path)
+        """Listen on ``path``: a stale socket there is replaced, a live one is not taken
+        over (that would orphan the VM behind it)."""
+        if os.path.exists(path):
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2.0)
+            except (OSError, TimeoutError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            else:
+                writer.close()
+                raise UsageError(f"something is already serving {path}")
         self._server = await asyncio.start_unix_server(self._client, path=path)
 
     async def close(self) -> None:
@@ -300,8 +326,14 @@ class QmpServer:
                 await self._server.wait_closed()
 
     # --- events -------------------------------------------------------------------------
+    def shut_down(self) -> None:
+        """The VM is powering off (quit): no more replies or events from now on."""
+        self.closing = True
+
     def emit(self, name: str, data: JsonObject | None = None) -> None:
         """Build the event now (its timestamp is now, as in QEMU) and queue it."""
+        if self.closing:
+            return
         # qmp_event_build_dict: timestamp first, then the name, then the data.
         event: JsonObject = {"timestamp": timestamp(), "event": name}
         if data is not None:
@@ -348,6 +380,8 @@ class QmpServer:
                 if not data:
                     break
                 for text in splitter.feed(data):
+                    if self.closing:
+                        break
                     reply = await self._handle(session, text, splitter.too_big)
                     splitter.too_big = False
                     if reply is not None:
@@ -365,7 +399,9 @@ class QmpServer:
         if too_big:
             return _error("GenericError", "JSON parse error, message too big")
         try:
-            request = json.loads(text)
+            request = json.loads(text, parse_constant=_no_constant)
+        except UnicodeDecodeError:
+            return _error("GenericError", "JSON parse error, invalid UTF-8 sequence in string")
         except (ValueError, RecursionError) as exc:
             return _error("GenericError", f"JSON parse error, {_parse_problem(exc)}")
         if not isinstance(request, dict):
@@ -430,6 +466,11 @@ class QmpServer:
         return {"return": {} if result is None else result}
 
 
+def _no_constant(name: str) -> object:
+    # Python's json takes NaN and Infinity; JSON (and QEMU) do not.
+    raise json.JSONDecodeError(f"invalid keyword '{name}'", name, 0)
+
+
 def _check_capabilities(arguments: Mapping[str, Any]) -> JsonObject | None:
     """qmp_capabilities' arguments: ``enable`` may name the one capability offered, oob."""
     for key in arguments:
@@ -456,6 +497,8 @@ def _parse_problem(exc: BaseException) -> str:
     and the ``JSON parse error, `` prefix are always QEMU's."""
     if not isinstance(exc, json.JSONDecodeError):
         return "nesting too deep"
+    if exc.msg.startswith("invalid keyword"):
+        return exc.msg
     if exc.msg == "Expecting ':' delimiter":
         return "missing : in object pair"
     if exc.msg == "Expecting value":

@@ -184,7 +184,7 @@ def _port_get(bus: str, prop: str) -> Any:
     raise CommandFailed(f"Property 'pcie-root-port.{prop}' not found")
 
 
-def _type_name(balloon: SimBalloon, path: str) -> str:
+def _type_name(path: str) -> str:
     return "virtio-balloon-device" if path.endswith("/virtio-backend") else "virtio-balloon-pci"
 
 
@@ -194,7 +194,7 @@ def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str)
     if prop == "guest-stats-polling-interval":
         return balloon.poll_interval
     if prop == "type":
-        return _type_name(balloon, path)
+        return _type_name(path)
     if prop == "realized":
         return True
     if prop == "hotpluggable":
@@ -214,7 +214,7 @@ def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str)
     if prop in PROPERTIES[balloon.profile.name]:
         _, default = PROPERTIES[balloon.profile.name][prop]
         return balloon.props.get(prop, default)
-    raise CommandFailed(f"Property '{_type_name(balloon, path)}.{prop}' not found")
+    raise CommandFailed(f"Property '{_type_name(path)}.{prop}' not found")
 
 
 def _bus_get(bus: str, prop: str) -> Any:
@@ -239,7 +239,7 @@ def set_(machine: SimMachine, path: str, prop: str, value: object) -> None:
     if prop != "guest-stats-polling-interval":
         _balloon_get(machine, balloon, path, prop)  # unknown property: QEMU's error
         # guest-stats is an alias of the backend's property: QEMU names the backend's type.
-        owner = "virtio-balloon-device" if prop == "guest-stats" else _type_name(balloon, path)
+        owner = "virtio-balloon-device" if prop == "guest-stats" else _type_name(path)
         raise CommandFailed(f"Property '{owner}.{prop}' is not writable")
     if not isinstance(value, int) or isinstance(value, bool):
         raise CommandFailed(
