@@ -138,6 +138,13 @@ def _vm(where: str, entry: dict[str, Any]) -> VmConfig:
     qmp = entry.get("qmp")
     if not isinstance(qmp, str) or not qmp:
         raise ConfigError(f"{where}.qmp: required, a QMP socket path or unix:/tcp: address")
+    if qmp.startswith(("unix:", "tcp:")):
+        from balloonctl.backends.address import parse_address  # noqa: PLC0415
+
+        try:
+            parse_address(qmp)
+        except UsageError as exc:
+            raise ConfigError(f"{where}.qmp: {exc}") from exc
     name = entry.get("name", Path(qmp.removeprefix("unix:")).stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}.name: must be a non-empty string")
