@@ -396,8 +396,8 @@ async def negotiate(vm: str, enable: list[str], disable: list[str]) -> dict[str,
         raise UsageError("name at least one feature with --enable or --disable")
     async with open_vm(vm) as backend:
         before = await backend.features()
-        if "sg" in enable and before.profile != "seed-sg":
-            raise CommandFailed(SG_ON_V12)
+        if "sg" in (*enable, *disable) and before.profile != "seed-sg":
+            raise CommandFailed(SG_ON_V12)  # neither on nor off: bit 3 is not SG here
         actual = await backend.actual()
         ram = await backend.max_memory()
         after = await backend.renegotiate(enable, disable)

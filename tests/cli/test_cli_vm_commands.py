@@ -1041,6 +1041,11 @@ def test_negotiate_enable_sg_on_virtio_1_2_exits_1(sim_factory: SimFactory) -> N
     )
     assert "free page reporting" in line
     assert features(vm.sock) == before
+    # Turning off what does not exist is refused the same way, not as a usage error.
+    assert_error(
+        run_cli("--json", "negotiate", vm.sock, "--disable", "sg", "--yes"), 1, SG_SENTENCE
+    )
+    assert features(vm.sock) == before
 
 
 def test_negotiate_on_a_bus_without_hotplug_exits_1(sim_factory: SimFactory) -> None:
