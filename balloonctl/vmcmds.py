@@ -71,11 +71,6 @@ def open_vm(name: str, connect_timeout: float = 5.0) -> Backend:
     )
 
 
-def vm_label(name: str) -> str:
-    """How reports name a VM: its address as given."""
-    return name
-
-
 # --- status ------------------------------------------------------------------------------
 def features_report(state: FeatureState) -> dict[str, Any]:
     """DESIGN.md's ``features`` object (without ``vm``)."""
@@ -97,7 +92,7 @@ async def status(vm: str) -> dict[str, Any]:
         stats = await backend.stats()
     age = round(max(0.0, time.time() - stats.last_update), 1) if stats.last_update else None
     return {
-        "vm": vm_label(vm),
+        "vm": vm,
         "actual_bytes": actual,
         "max_bytes": ram,
         "features": features_report(feats),
@@ -250,12 +245,7 @@ async def _wait_for(
                 result.actual = await backend.actual()
         except TimeoutError:
             return  # a VM that stops answering: the deadline still holds
-        except (UsageError, CommandFailed) as exc:
-            if isinstance(exc, UsageError):
-                raise
-            result.error = str(exc)
-            return
-        except BalloonError as exc:
+        except BalloonError as exc:  # gone, refused, or answering nonsense: say where it got
             result.error = str(exc)
             return
         bar.update(result.actual)
@@ -270,7 +260,7 @@ async def _wait_for(
 # --- stats --------------------------------------------------------------------------------------
 def stats_report(vm: str, reading: GuestStats) -> dict[str, Any]:
     """DESIGN.md's ``stats`` object."""
-    return {"vm": vm_label(vm), "last_update": reading.last_update, "stats": reading.stats}
+    return {"vm": vm, "last_update": reading.last_update, "stats": reading.stats}
 
 
 def render_stats(report: dict[str, Any]) -> str:
@@ -351,7 +341,7 @@ async def watch_stats(
 # --- features / negotiate -------------------------------------------------------------------------
 def features_json(vm: str, state: FeatureState) -> dict[str, Any]:
     """DESIGN.md's ``features`` object."""
-    out = {"vm": vm_label(vm)}
+    out = {"vm": vm}
     out.update(features_report(state))
     return out
 
