@@ -4,15 +4,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Debian packages the tests need, each with the command or module that proves it present.
-APT_NEEDS := python3-venv
-
-.PHONY: demo test lint typecheck unit bench system-deps clean
-
-# System packages: only when something is missing, so a ready machine never calls apt-get.
+# Debian packages the tests need, each checked by the command or file that proves it present:
+# the real-QEMU tests boot a guest built from Debian's kernel and busybox-static packages
+# (apt-get download, no root needed for that), the libvirt tests start their own libvirtd,
+# and libvirt-python compiles against libvirt-dev.
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx depmod \
+	  || missing="$$missing busybox-static"; \
+	command -v libvirtd >/dev/null || missing="$$missing libvirt-daemon"; \
+	[ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] \
+	  || missing="$$missing libvirt-daemon-driver-qemu"; \
+	command -v virsh >/dev/null || missing="$$missing libvirt-clients"; \
+	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	pkg-config --exists libvirt 2>/dev/null || missing="$$missing libvirt-dev"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	[ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \

@@ -11,7 +11,7 @@ plus ``virtio.features`` for decoding feature words, which has no I/O.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -94,3 +94,24 @@ class Backend(Protocol):
 
         Bounded: a consumer that falls behind loses old values, never memory.
         """
+
+    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """One QMP command on the VM's monitor, its ``return`` value as JSON.
+
+        For what only QMP can say (``x-query-virtio-queue-status``, ...). The QMP backend
+        sends it on its own connection; the libvirt backend passes it through
+        ``qemuMonitorCommand``. Queries are retried after a drop, actions never are.
+        """
+
+    async def read_guest_memory(self, gpa: int, size: int) -> bytes:
+        """``size`` bytes of guest-physical memory from ``gpa`` (``size`` <= MAX_READ).
+
+        QMP: ``pmemsave`` into a private file that QEMU writes and this process reads, so
+        QEMU must run on this machine. libvirt: ``virDomainMemoryPeek`` with
+        ``VIR_MEMORY_PHYSICAL``, which works on remote connections as well.
+        """
+
+
+#: The most one read_guest_memory call returns: a vring dump reads at most a descriptor
+#: table of 32768 entries (512 KiB) or one buffer at a time.
+MAX_READ = 1 << 20

@@ -26,11 +26,13 @@ QMP shapes are QEMU 7.2's (``qapi/*.json``; recorded in ``fixtures/transcripts/q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import stat
+import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -70,7 +72,7 @@ from tenacity import (
 )
 
 from balloonctl.backends.address import QmpAddress, parse_address
-from balloonctl.backends.base import FeatureState, GuestStats
+from balloonctl.backends.base import MAX_READ, FeatureState, GuestStats
 from balloonctl.errors import (
     BalloonError,
     CommandFailed,
@@ -979,6 +981,48 @@ class QmpBackend:
         # qemu.qmp 0.0.6: listen() yields None, so the listener is made first (real-qemu-lab.md).
         with client.listen(listener):
             yield _ActualValues(self.name, alive, listener)
+
+    # ---------------------------------------------------------------- raw access
+
+    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Any QMP command on this connection; queries are retried after a drop."""
+        return await self._execute(command, arguments)
+
+    async def read_guest_memory(self, gpa: int, size: int) -> bytes:
+        """``pmemsave`` into a private file, then read it back (QEMU must run on this host).
+
+        The file is created here first (0622 in a 0711 directory with a random name), so a
+        QEMU running as another user, as under libvirt, can write it and nobody else can
+        read it; a QEMU on another host writes on its own host and leaves ours empty, which
+        is reported rather than returned as zeros.
+        """
+        if not _is_int(gpa) or not _is_int(size) or gpa < 0 or not 0 < size <= MAX_READ:
+            raise UsageError(f"cannot read {size!r} bytes at {gpa!r}: at most {MAX_READ} bytes")
+        if gpa + size > 1 << 64:
+            raise UsageError(f"{size} bytes at {gpa:#x} run past the end of the address space")
+        directory = tempfile.mkdtemp(prefix="balloonctl-pmem-")
+        path = os.path.join(directory, "mem")
+        try:
+            os.chmod(directory, 0o711)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.fchmod(fd, 0o622)
+            os.close(fd)
+            await self._execute("pmemsave", {"val": gpa, "size": size, "filename": path})
+            with open(path, "rb") as f:
+                data = f.read(size + 1)
+        except OSError as exc:
+            raise PeerError(f"cannot read the pmemsave file {path}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        if len(data) != size:
+            where = " (is QEMU running on another host?)" if not data else ""
+            raise PeerError(
+                f"VM {self.name}: pmemsave of {size} bytes at {gpa:#x} wrote {len(data)}{where}"
+            )
+        return data
 
     # ---------------------------------------------------------------- renegotiate
 
