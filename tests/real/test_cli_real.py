@@ -1,0 +1,262 @@
+"""Every VM command of the CLI against real QEMU 7.2 running a real Linux 6.1 guest (TCG).
+
+The CLI runs as a subprocess on the guest's QMP socket, as a user's shell runs it; what it
+says is checked against QEMU itself (``query-balloon``, ``qom-get guest-stats``,
+``x-query-virtio-status``) on the guest's second, private monitor, and against the guest's
+own view (``/proc/meminfo`` through the command channel).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from fixtures.guest import GiB, MiB, Guest
+from tests.cli.conftest import json_out, run_cli
+from tests.real.conftest import BALLOON_ON_ROOT_BUS, ROOT_PORT, BootGuest
+
+#: Bound for any one CLI run on a TCG guest (the 1 GiB inflate takes 1-2 s).
+CLI_TIMEOUT = 120.0
+
+
+def cli(guest: Guest, *args: str, timeout: float = CLI_TIMEOUT) -> Any:
+    """``balloonctl --json ARGS`` with the guest's socket put where ``VM`` goes; exit 0."""
+    argv = [a.replace("VM", str(guest.qmp_path)) if a == "VM" else a for a in args]
+    result = run_cli("--json", *argv, timeout=timeout)
+    assert result.returncode == 0, (argv, result.stderr)
+    assert "Traceback" not in result.stderr
+    return json_out(result)
+
+
+def actual(guest: Guest) -> int:
+    """query-balloon ``actual``, straight from QEMU."""
+    value = guest.execute("query-balloon")["actual"]
+    assert isinstance(value, int)
+    return value
+
+
+def meminfo(guest: Guest) -> dict[str, int]:
+    """The guest's /proc/meminfo in bytes."""
+    status, out = guest.run("cat /proc/meminfo")
+    assert status == 0, out
+    fields = {}
+    for line in out.splitlines():
+        m = re.match(r"(\w+):\s+(\d+) kB", line)
+        if m:
+            fields[m.group(1)] = int(m.group(2)) * 1024
+    return fields
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.1)
+
+
+def virtio_names(guest: Guest, key: str) -> set[str]:
+    """Feature names QEMU lists under ``key`` (host-features/guest-features), sans text."""
+    status = guest.execute("x-query-virtio-status", {"path": guest.balloon_path()})
+    names: set[str] = set()
+    for group in ("dev-features", "transports"):
+        for entry in status[key].get(group, []):
+            names.add(str(entry).split(":", 1)[0].strip())
+    return names
+
+
+# --- set ----------------------------------------------------------------------------------
+
+
+def test_set_wait_inflates_and_deflates_as_qemu_and_the_guest_see_it(real_vm: Guest) -> None:
+    before = meminfo(real_vm)
+    report = cli(real_vm, "set", "VM", "1G", "--wait")
+    assert report["reached"] is True
+    assert report["target_bytes"] == 1 * GiB
+    assert abs(report["actual_bytes"] - 1 * GiB) < 4096
+    assert actual(real_vm) == report["actual_bytes"]  # QEMU agrees, after the CLI is gone
+    # The guest gave the memory: with deflate-on-oom Linux keeps MemTotal, but the pages
+    # are the balloon's, not free (virtio_balloon.c: adjust_managed_page_count only
+    # without DEFLATE_ON_OOM).
+    after = meminfo(real_vm)
+    assert before["MemFree"] - after["MemFree"] > 900 * MiB, (before, after)
+
+    back = cli(real_vm, "set", "VM", "2G", "--wait")
+    assert back["reached"] is True
+    assert actual(real_vm) == 2 * GiB
+    assert meminfo(real_vm)["MemFree"] > after["MemFree"] + 900 * MiB
+
+
+def test_set_without_wait_returns_at_once_and_the_guest_gets_there(real_vm: Guest) -> None:
+    report = cli(real_vm, "set", "VM", "1536M")
+    assert report["target_bytes"] == 1536 * MiB
+    assert report["elapsed_s"] == 0.0
+    wait_until(lambda: actual(real_vm) == 1536 * MiB, 60, "the guest to reach 1536 MiB")
+
+
+def test_set_above_ram_is_clamped_with_a_notice(real_vm: Guest) -> None:
+    cli(real_vm, "set", "VM", "1G", "--wait")
+    result = run_cli("--json", "set", str(real_vm.qmp_path), "8G", "--wait", timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "more than the VM's RAM" in result.stderr
+    assert json_out(result)["target_bytes"] == 2 * GiB
+    assert actual(real_vm) == 2 * GiB
+
+
+def test_status_agrees_with_qemu(real_vm: Guest) -> None:
+    report = cli(real_vm, "status", "VM")
+    assert report["max_bytes"] == 2 * GiB
+    assert report["actual_bytes"] == actual(real_vm)
+    assert report["features"]["profile"] == "virtio-1.2"
+    assert report["features"]["driver_ok"] is True
+
+
+# --- the guest refusing -------------------------------------------------------------------
+
+
+def test_unreachable_target_times_out_with_what_was_reached(real_vm: Guest) -> None:
+    # 1.2 GiB the guest cannot give up: tmpfs pages are not reclaimable without swap.
+    status, out = real_vm.run(
+        "mount -t tmpfs -o size=1300m none /mnt && dd if=/dev/zero of=/mnt/f bs=1M count=1200",
+        timeout=180,
+    )
+    assert status == 0, out
+    result = run_cli("--json", "set", str(real_vm.qmp_path), "256M", "--wait", "--timeout", "8")
+    assert result.returncode == 1, result.stderr
+    report = json_out(result)
+    assert report["reached"] is False
+    # Linux's balloon allocates with __GFP_NORETRY: it stops short ("Out of puff") rather
+    # than OOM-kill, and keeps what the tmpfs holds.
+    assert report["actual_bytes"] > 1200 * MiB
+    assert report["actual_bytes"] == actual(real_vm)
+    line = result.stderr.strip()
+    assert "\n" not in line and "timed out after 8 s; reached" in line, line
+    assert real_vm.run("echo alive")[1].strip() == "alive"  # nothing was killed
+
+
+def test_deflate_on_oom_gives_memory_back_when_the_guest_fills_it(real_vm: Guest) -> None:
+    cli(real_vm, "set", "VM", "1G", "--wait")
+    # 1400 MiB does not fit in the 1 GiB the guest has left: the OOM notifier of the
+    # balloon driver (VIRTIO_BALLOON_F_DEFLATE_ON_OOM, spec 5.5.6.1) deflates instead of a kill.
+    status, out = real_vm.run(
+        "mount -t tmpfs -o size=1700m none /mnt && dd if=/dev/zero of=/mnt/f bs=1M count=1400",
+        timeout=300,
+    )
+    assert status == 0, out
+    assert "Killed" not in out
+    grown = actual(real_vm)
+    assert grown > 1 * GiB + 300 * MiB, grown
+    # What it took back it keeps until the host asks again (real-qemu-lab.md).
+    real_vm.run("rm /mnt/f")
+    assert actual(real_vm) >= grown
+
+
+# --- stats --------------------------------------------------------------------------------
+
+
+def test_stats_agree_with_qom_get_guest_stats(real_vm: Guest) -> None:
+    first = cli(real_vm, "stats", "VM", "--period", "1")
+    assert first["last_update"] > 0
+    for _ in range(20):
+        report = cli(real_vm, "stats", "VM")
+        raw = real_vm.execute(
+            "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
+        )
+        if raw["last-update"] == report["last_update"]:
+            break
+    else:
+        raise AssertionError("never read the same guest reading twice in 20 tries")
+    expected = {
+        name.removeprefix("stat-"): value
+        for name, value in raw["stats"].items()
+        if value not in (-1, (1 << 64) - 1)
+    }
+    assert report["stats"] == expected
+    total = report["stats"]["total-memory"]
+    assert 1800 * MiB < total <= 2 * GiB  # the kernel's MemTotal, in bytes
+    assert meminfo(real_vm)["MemTotal"] == total
+    assert 0 < report["stats"]["available-memory"] <= total
+    period = real_vm.execute(
+        "qom-get",
+        {"path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval"},
+    )
+    assert period == 1
+
+
+# --- features and negotiate ----------------------------------------------------------------
+
+
+def test_features_decode_what_qemu_offers_and_the_guest_acks(real_vm: Guest) -> None:
+    report = cli(real_vm, "features", "VM")
+    assert report["profile"] == "virtio-1.2"
+    assert report["sg"] == {"offered": False, "acked": False}
+    offered, acked = set(report["offered"]), set(report["acked"])
+    assert {"stats-vq", "deflate-on-oom", "page-reporting", "version-1"} <= acked
+    assert acked <= offered
+    assert "sg" not in offered and "free-page-hint" not in offered
+    host = virtio_names(real_vm, "host-features")
+    assert ("VIRTIO_BALLOON_F_REPORTING" in host) == ("page-reporting" in offered)
+    guest = virtio_names(real_vm, "guest-features")
+    assert ("VIRTIO_BALLOON_F_DEFLATE_ON_OOM" in guest) == ("deflate-on-oom" in acked)
+    human = run_cli("features", str(real_vm.qmp_path))
+    assert human.returncode == 0
+    assert "SG does not exist on this device" in human.stdout
+
+
+def test_negotiate_replugs_the_balloon_and_the_guest_reprobes(real_vm: Guest) -> None:
+    cli(real_vm, "set", "VM", "1536M", "--wait")
+    cli(real_vm, "stats", "VM", "--period", "2")
+    report = cli(real_vm, "negotiate", "VM", "--disable", "page-reporting", "--yes")
+    assert "page-reporting" not in report["offered"]
+    assert "deflate-on-oom" in report["acked"]
+    # QEMU agrees, and the new device has a running driver again.
+    assert "VIRTIO_BALLOON_F_REPORTING" not in virtio_names(real_vm, "host-features")
+    assert real_vm.driver_ok()
+    # The target survived the replug, the stats period too, and the new balloon works.
+    wait_until(lambda: actual(real_vm) == 1536 * MiB, 60, "the re-probed guest to re-inflate")
+    period = real_vm.execute(
+        "qom-get",
+        {"path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval"},
+    )
+    assert period == 2
+    assert cli(real_vm, "set", "VM", "1G", "--wait")["reached"] is True
+    # And back.
+    again = cli(real_vm, "negotiate", "VM", "--enable", "page-reporting", "--yes")
+    assert "page-reporting" in again["acked"]
+
+
+def test_negotiate_refuses_a_balloon_on_a_bus_without_hotplug(boot_guest: BootGuest) -> None:
+    guest = boot_guest(devices=(ROOT_PORT, BALLOON_ON_ROOT_BUS))
+    result = run_cli("negotiate", str(guest.qmp_path), "--disable", "page-reporting", "--yes")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "cannot hotplug" in line, line
+    # Untouched: still there, still driven, still offering reporting.
+    assert guest.driver_ok()
+    assert "VIRTIO_BALLOON_F_REPORTING" in virtio_names(guest, "host-features")
+
+
+def test_negotiate_sg_on_a_real_qemu_is_refused_with_the_sg_story(real_vm: Guest) -> None:
+    result = run_cli("negotiate", str(real_vm.qmp_path), "--enable", "sg", "--yes")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "SG" in result.stderr or "sg" in result.stderr
+    assert real_vm.driver_ok()
+
+
+# --- list ---------------------------------------------------------------------------------
+
+
+def test_list_shows_a_configured_real_vm(real_vm: Guest, tmp_path: Any) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[vm]]\nname = "real"\nqmp = "{real_vm.qmp_path}"\nmin = "512M"\n')
+    result = run_cli("--json", "--config", str(config), "list")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (entry,) = [vm for vm in report["vms"] if vm["name"] == "real"]
+    assert entry["actual_bytes"] == actual(real_vm)
+    # The floor holds against the real VM as well: refused before anything is sent.
+    refused = run_cli("--config", str(config), "set", "real", "256M")
+    assert refused.returncode == 2
+    assert actual(real_vm) == 2 * GiB
