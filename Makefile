@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+
+.PHONY: demo test lint typecheck unit bench bench-real system-deps clean
+
 # Debian packages the tests need, each checked by the command or file that proves it present:
 # the real-QEMU tests boot a guest built from Debian's kernel and busybox-static packages
 # (apt-get download, no root needed for that), the libvirt tests start their own libvirtd,
@@ -63,3 +66,8 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# balloonctl set --wait on a real QEMU guest (booted from Debian packages) against a minimal
+# raw QMP client: the ratio and the detection latency (issue 5's goal: within 1.10x).
+bench-real: $(VENV)/.installed
+	$(BIN)/python fixtures/guest.py run -- $(BIN)/balloonctl bench real --qmp {qmp} --observer {observer}

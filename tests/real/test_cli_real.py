@@ -13,7 +13,7 @@ import re
 import time
 from typing import Any
 
-from fixtures.guest import GiB, MiB, Guest
+from fixtures.guest import GiB, Guest, MiB
 from tests.cli.conftest import json_out, run_cli
 from tests.real.conftest import BALLOON_ON_ROOT_BUS, ROOT_PORT, BootGuest
 

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from fixtures.guest import GiB, MiB, Guest
+from fixtures.guest import GiB, Guest, MiB
 from tests.cli.conftest import json_out, popen_cli, run_cli
 from tests.real.test_cli_real import CLI_TIMEOUT, actual, wait_until
 
@@ -166,7 +166,7 @@ def test_stats_watch_ends_cleanly_when_qemu_quits(real_vm: Guest) -> None:
     first = watch.stdout.readline()
     assert json.loads(first)["stats"]["total-memory"] > 0
     real_vm.execute("quit")
-    out, err = watch.communicate(timeout=60)
+    _out, err = watch.communicate(timeout=60)
     assert watch.returncode == 1, err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
