@@ -157,8 +157,8 @@ def _argv(tool: str, qmp: str, target: int) -> list[str]:
     return [sys.executable, "-S", "-c", RAW_CLIENT, qmp, str(target)]
 
 
-def _settle(control: _Qmp, value: int, timeout: float) -> None:
-    """Bring the guest to ``value`` and wait there (untimed)."""
+def _settle(control: _Qmp, value: int, timeout: float, pause: float = 1.1) -> None:
+    """Bring the guest to ``value`` and wait there (untimed), then ``pause``."""
     control.execute("balloon", {"value": value})
     deadline = time.monotonic() + timeout
     while abs(control.actual() - value) >= PAGE_SIZE:
@@ -167,7 +167,7 @@ def _settle(control: _Qmp, value: int, timeout: float) -> None:
         time.sleep(0.01)
     # BALLOON_CHANGE is throttled to 1/s: let the last one go out before the next run, so
     # no contender pays for the previous one's events.
-    time.sleep(1.1)
+    time.sleep(pause)
 
 
 def _run_one(config: RealBenchConfig, tool: str, target: int, ram: int) -> Sample:
@@ -236,7 +236,7 @@ def run(config: RealBenchConfig) -> dict[str, Any]:
     # Leave the VM as it was found.
     control = _Qmp(config.observer or config.qmp)
     try:
-        control.execute("balloon", {"value": start})
+        _settle(control, start, config.timeout, pause=0.0)
     finally:
         control.close()
     return report(config, ram, target, samples)

@@ -12,6 +12,7 @@ PCIe root port, deflate-on-oom and free page reporting on (QEMU's defaults are o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,11 @@ BALLOON = "virtio-balloon-pci,id=balloon0,bus=rp1,deflate-on-oom=on,free-page-re
 BALLOON_ON_ROOT_BUS = "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
 
 BootGuest = Callable[..., Guest]
+
+
+def observer_path(guest: Guest) -> Path:
+    """Where ``boot_guest(observer=True)`` puts the extra QMP monitor."""
+    return guest.tmpdir / "observer.sock"
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +47,19 @@ def boot_guest(guest_image: GuestImage) -> Iterator[BootGuest]:
         devices: Sequence[str] = (ROOT_PORT, BALLOON),
         *,
         append: str = "",
+        observer: bool = False,
         wait: bool = True,
     ) -> Guest:
         guest = Guest(memory, devices, image=guest_image, append=append)
+        if observer:
+            # A third QMP monitor, at observer_path(guest), for watching QEMU while another
+            # client holds qmp.sock (bench real's --observer).
+            guest.extra_args = (
+                "-chardev",
+                f"socket,id=obs,path={observer_path(guest)},server=on,wait=off",
+                "-mon",
+                "chardev=obs,mode=control",
+            )
         guests.append(guest)
         guest.start()
         if wait:
