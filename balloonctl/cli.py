@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object on stdout (before COMMAND)"
     )
     parser.add_argument(
+        "-c",
+        "--connect",
+        metavar="URI",
+        help="libvirt URI for VMs named by domain name or UUID (default: $LIBVIRT_DEFAULT_URI, "
+        "else qemu:///system; e.g. qemu:///session, qemu+ssh://HOST/system)",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         help="configuration file (default: $BALLOONCTL_CONFIG, ~/.config/balloonctl/"
@@ -109,6 +116,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to read each chain's buffers (default: pfn)",
     )
     parse.set_defaults(func=_cmd_vring_parse)
+    dump = vring_cmds.add_parser(
+        "dump",
+        help="parse a live VM's balloon queue: what the guest made available (JSON)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Read one balloon queue of a running VM (x-query-virtio-queue-status, then the\n"
+            "rings and the buffers they name from guest memory) and print, as vring parse\n"
+            "does, the chains the guest made available that the device has not returned:\n"
+            "avail entries from the device's used-idx to avail.idx; the first\n"
+            "queue.in_flight of them are popped by the device and not yet returned.\n"
+            "\n"
+            'Output: vring parse\'s {"chains", "error"} plus "vm", "queue" {name, index,\n'
+            "size, desc, avail, used, used_idx, last_avail_idx, avail_idx, in_flight,\n"
+            'decode}, "ram" [[base, size], ...] (the bounds checked) and "read_bytes".\n'
+            "Decodes: inflate/deflate as PFN arrays, or SG chunks where the seed profile's\n"
+            'sg is acked ("pages"); stats as "stats" {NAME: VALUE} (spec 5.5.6.3, NAME as\n'
+            "`balloonctl stats` names them, unknown tags as tag-N); reporting as the\n"
+            'reported free pages, "pages" [[first_pfn, count], ...] (spec 5.5.6.7).\n'
+            "\n"
+            "Reads are bounded whatever the guest wrote: nothing outside guest RAM is read\n"
+            "(such a ring or buffer is the parser's RingOutOfBounds/BufferOutOfBounds), SG\n"
+            "chunks and reports are not read at all, and the whole dump reads at most\n"
+            "--read-limit bytes. Exit 0; 3 on a ring-level error (its type in error.type);\n"
+            "1 when the VM cannot be reached or read; 2 for usage. JSON with or without --json."
+        ),
+    )
+    dump.add_argument("vm", metavar="VM", help=_VM_HELP)
+    dump.add_argument(
+        "--queue",
+        required=True,
+        choices=["inflate", "deflate", "stats", "reporting"],
+        help="which queue (reporting needs page-reporting acked)",
+    )
+    dump.add_argument(
+        "--read-limit",
+        default="64M",
+        type=_size,
+        metavar="SIZE",
+        help="most guest memory to read (default 64M)",
+    )
+    dump.set_defaults(func=_cmd_vring_dump)
 
     sim = commands.add_parser(
         "sim",
@@ -194,10 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seed.add_argument("--plot", metavar="PNG", help="draw the stage breakdown (matplotlib)")
     seed.set_defaults(func=_cmd_bench_seed)
+
+    real = bench_cmds.add_parser(
+        "real",
+        help="set --wait on a real VM as a whole process, against a minimal raw QMP client",
+        description="Inflate --size of a running VM with `balloonctl set --wait` and with a "
+        "minimal stdlib QMP client, alternating, as whole processes; report the median "
+        "times and their ratio (goal 1.10). With --observer (a second QMP monitor of the "
+        "same VM) also the detection latency. `make bench-real` boots the test guest for it.",
+    )
+    real.add_argument("--qmp", required=True, metavar="PATH", help="the VM's QMP unix socket")
+    real.add_argument("--observer", metavar="PATH", help="a second QMP monitor of the same VM")
+    real.add_argument("--size", default="1G", type=_size, help="how much to inflate (default 1G)")
+    real.add_argument("--rounds", type=_count, default=5, help="runs per tool (default 5)")
+    real.set_defaults(func=_cmd_bench_real)
     return parser
 
 
-_VM_HELP = "QMP socket (unix:/path, a socket path, tcp:HOST:PORT)"
+_VM_HELP = "QMP socket (unix:/path, a socket path, tcp:HOST:PORT) or libvirt domain (-c URI)"
 
 
 def _vm_commands(commands: Any) -> None:
@@ -401,6 +463,25 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
     return EXIT_FINDING if finding else EXIT_OK
 
 
+def _cmd_vring_dump(args: argparse.Namespace) -> int:
+    """Parse one balloon queue of a live VM; exit 3 on a ring-level finding."""
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import vmcmds, vringdump  # noqa: PLC0415
+
+    if args.read_limit <= 0:
+        raise UsageError("--read-limit must be positive")
+
+    async def run() -> tuple[str, bool]:
+        async with vmcmds.open_vm(_address(args)) as backend:
+            return await vringdump.dump(backend, args.queue, read_limit=args.read_limit)
+
+    text, finding = asyncio.run(run())
+    # Like vring parse, a machine-readable diagnostic: JSON with or without --json.
+    sys.stdout.write(text + "\n")
+    return EXIT_FINDING if finding else EXIT_OK
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     """Serve simulated VMs until SIGTERM or quit."""
     import asyncio  # noqa: PLC0415
@@ -469,6 +550,16 @@ def _emit(
     return EXIT_OK
 
 
+def _cmd_bench_real(args: argparse.Namespace) -> int:
+    """balloonctl set --wait against a raw QMP client on a real VM."""
+    from balloonctl.bench.real import RealBenchConfig, format_report, run  # noqa: PLC0415
+
+    config = RealBenchConfig(
+        qmp=args.qmp, observer=args.observer, size=args.size, rounds=args.rounds
+    )
+    return _emit(args, run(config), format_report)
+
+
 def _cmd_bench_seed(args: argparse.Namespace) -> int:
     """Replay the seed's experiment on the driver and device models."""
     from balloonctl.bench.seed import SeedBenchConfig, format_report, plot, run  # noqa: PLC0415
@@ -504,6 +595,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="balloonctl: %(levelname)s: %(message)s",
     )
+    if args.connect is not None:
+        if not args.connect.strip():
+            print("balloonctl: error: -c/--connect needs a URI", file=sys.stderr)
+            return EXIT_USAGE
+        from balloonctl.vmcmds import CONNECT_URI  # noqa: PLC0415 (only with -c: lean status)
+
+        CONNECT_URI.set(args.connect)
     try:
         code: int = args.func(args)
     except BalloonError as exc:

@@ -16,6 +16,8 @@ The tree::
     |   +-- ConnectionLost          an established connection dropped mid-operation
     +-- CommandFailed               the VM refused a command: QMP/libvirt error, class + text
     +-- OperationTimeout            a wait ended before the VM got there (exit 1)
+    +-- ReadLimitError              a live ring names more guest memory than one
+    |                               ``vring dump`` may read (exit 1)
     +-- GuestModelError             the in-process guest cannot go on: its queue is full with
     |                               nothing to wait for, or the device never returned a buffer
     +-- VirtioError                 a guest broke the ring protocol; the device stops the
@@ -95,6 +97,10 @@ class CommandFailed(BalloonError):
 
 class OperationTimeout(BalloonError):
     """A wait ran out before the VM reached what was asked (exit 1)."""
+
+
+class ReadLimitError(BalloonError):
+    """The chains in a live queue's window name more guest memory than one dump may read."""
 
 
 class GuestModelError(BalloonError):

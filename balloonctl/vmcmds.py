@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
@@ -22,7 +23,6 @@ from balloonctl.errors import (
     CommandFailed,
     OperationTimeout,
     UsageError,
-    VmUnreachable,
 )
 from balloonctl.units import PAGE_SIZE, format_size
 
@@ -55,8 +55,34 @@ SG_ON_V12: Final = (
 )
 
 
+#: The libvirt URI given with ``-c/--connect``; None means DESIGN.md's default (see
+#: :func:`libvirt_uri`). A context variable, set by the CLI before ``asyncio.run`` (which
+#: copies the context), so that every command reaches it without an extra parameter.
+CONNECT_URI: ContextVar[str | None] = ContextVar("balloonctl_connect_uri", default=None)
+#: libvirt's own default when neither -c nor $LIBVIRT_DEFAULT_URI says otherwise.
+DEFAULT_LIBVIRT_URI: Final = "qemu:///system"
+
+
+def libvirt_uri() -> str:
+    """``-c URI``, else ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system`` (as virsh does)."""
+    return CONNECT_URI.get() or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_LIBVIRT_URI
+
+
+def libvirt_requested() -> bool:
+    """Whether the user pointed balloonctl at libvirt (``-c`` or ``$LIBVIRT_DEFAULT_URI``).
+
+    ``list`` asks libvirt only then: a QMP-only user must not wait for, or read an error
+    about, a libvirtd they do not run (virsh users pass ``-c`` anyway).
+    """
+    return bool(CONNECT_URI.get() or os.environ.get("LIBVIRT_DEFAULT_URI"))
+
+
 def open_vm(name: str, connect_timeout: float = 5.0) -> Backend:
-    """The backend for a VM name (DESIGN.md: a QMP socket address, or a libvirt domain)."""
+    """The backend for a VM name (DESIGN.md: a QMP socket address, or a libvirt domain).
+
+    libvirt is imported only here, when a domain is named, so ``status`` of a QMP socket
+    never pays for it.
+    """
     from balloonctl.backends.address import looks_like_qmp_address  # noqa: PLC0415
 
     # libvirt domain names cannot contain "/": anything with one is a socket path, and a
@@ -65,10 +91,15 @@ def open_vm(name: str, connect_timeout: float = 5.0) -> Backend:
         from balloonctl.backends.qmp import QmpBackend  # noqa: PLC0415
 
         return QmpBackend(name, connect_timeout=connect_timeout)
-    raise VmUnreachable(
-        f"cannot reach VM {name}: no QMP socket there, and libvirt domain names need the "
-        "libvirt backend, which this build does not have"
-    )
+    try:
+        from balloonctl.backends.libvirt import LibvirtBackend  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(
+            f"{name} is not a QMP socket, and libvirt domains need libvirt-python "
+            "(pip install 'balloonctl[libvirt]')"
+        ) from exc
+    # libvirtd may be restarting: give it longer than a QMP socket gets.
+    return LibvirtBackend(name, libvirt_uri(), connect_timeout=max(connect_timeout, 10.0))
 
 
 # --- status ------------------------------------------------------------------------------
@@ -414,8 +445,31 @@ async def list_vms(config: Config, qmp_dir: str | None) -> dict[str, Any]:
             for name in found
             if name.endswith(".sock")
         ]
-    rows = await asyncio.gather(*(_probe(name, address) for name, address in entries))
-    return {"vms": list(rows)}
+    rows = list(await asyncio.gather(*(_probe(name, address) for name, address in entries)))
+    if libvirt_requested():
+        rows += await _libvirt_rows(libvirt_uri())
+    return {"vms": rows}
+
+
+async def _libvirt_rows(uri: str) -> list[dict[str, Any]]:
+    """Running domains of ``uri`` with a balloon; an unreachable libvirt is an error (the
+    user asked for it with -c or $LIBVIRT_DEFAULT_URI)."""
+    try:
+        from balloonctl.backends.libvirt import list_balloon_domains  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError("listing libvirt domains needs libvirt-python") from exc
+    domains = await list_balloon_domains(uri)
+    return [
+        {
+            "vm": d.name,
+            "address": uri,
+            "uuid": d.uuid,
+            "state": "running",
+            "actual_bytes": d.actual,
+            "max_bytes": d.max_memory,
+        }
+        for d in domains
+    ]
 
 
 async def _probe(name: str, address: str) -> dict[str, Any]:
@@ -442,7 +496,8 @@ def render_list(report: dict[str, Any]) -> str:
     """A table; an empty list says where VMs come from."""
     if not report["vms"]:
         return (
-            "no VMs configured: add [[vm]] qmp = PATH to the config file (or use --qmp-dir DIR)\n"
+            "no VMs configured: add [[vm]] qmp = PATH to the config file (or use --qmp-dir DIR, "
+            "or -c URI for libvirt's running domains)\n"
         )
     lines = [f"{'VM':<16}{'STATE':<12}{'ACTUAL':>12}{'MAX':>12}  ADDRESS"]
     for row in report["vms"]:

@@ -254,7 +254,9 @@ def test_list_shows_a_configured_real_vm(real_vm: Guest, tmp_path: Any) -> None:
     result = run_cli("--json", "--config", str(config), "list")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    (entry,) = [vm for vm in report["vms"] if vm["name"] == "real"]
+    (entry,) = [vm for vm in report["vms"] if vm["vm"] == "real"]
+    assert entry["state"] == "running"
+    assert entry["max_bytes"] == 2 * GiB
     assert entry["actual_bytes"] == actual(real_vm)
     # The floor holds against the real VM as well: refused before anything is sent.
     refused = run_cli("--config", str(config), "set", "real", "256M")

@@ -1,0 +1,866 @@
+"""A libvirt domain's balloon through libvirt-python (the only module importing ``libvirt``).
+
+What this module adds to libvirt-python, and why:
+
+* **Units and names.** libvirt speaks KiB (``setMemoryFlags``, ``memoryStats``) and its own
+  stat names; balloonctl speaks bytes and DESIGN.md's names. The mapping is in one table,
+  :data:`STAT_NAMES`, with libvirt's traps written out: its ``available`` is the guest's
+  *total* memory (QEMU's ``stat-total-memory``), ``usable`` is MemAvailable and ``unused``
+  is MemFree.
+* **Errors.** Every ``libvirtError`` becomes a :class:`~balloonctl.errors.BalloonError` with
+  a one-line message and ``raise ... from`` (:func:`_map_error`); libvirt's own printing of
+  errors to stderr is switched off, so the CLI prints only its line.
+  ``asyncio.CancelledError`` is never caught.
+* **No blocked event loop.** libvirt-python calls block (an RPC to libvirtd, which may wait
+  for QEMU), and events (BALLOON_CHANGE, the connection closing) need an event loop
+  implementation registered *before* a connection opens. Both are met by one thread
+  (:class:`_LibvirtThread`) running libvirt's asyncio implementation (``libvirtaio``) on a
+  private loop and making every libvirt call; the caller's loop awaits.
+* **Retries, only where they are safe.** A connection libvirt reports closed (close
+  callback, keepalive) is reopened before the next call. A query whose connection drops
+  mid-call is retried once on a new connection; an action (``setMemoryFlags``,
+  ``setMemoryStatsPeriod``, device_del/add) never is: its outcome is unknown.
+* **What only QMP can say** (feature bits, replugging the balloon, ring addresses) goes
+  through libvirt's monitor passthrough, ``libvirt_qemu.qemuMonitorCommand``, speaking the
+  same vocabulary as the QMP backend (:class:`~.qmpvocab.QmpVocabulary`). libvirt marks a
+  domain "tainted: custom-monitor" the first time; that is a log line, nothing more. Drivers
+  without passthrough (``test:///``, remote non-QEMU hypervisors) refuse with
+  :class:`CommandFailed` (see :data:`NO_PASSTHROUGH`).
+
+Domains are named by name or UUID on any URI: ``qemu:///system``, ``qemu:///session``,
+``qemu+ssh://user@host/system`` (guest memory is read with ``virDomainMemoryPeek``, which
+works remotely, unlike the QMP backend's ``pmemsave`` into a local file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import json
+import logging
+import re
+import threading
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+import libvirt
+import libvirt_qemu
+import libvirtaio
+
+from balloonctl.backends.base import MAX_READ, FeatureState, GuestStats
+from balloonctl.backends.qmpvocab import (
+    NoQmpCarrier,
+    QmpVocabulary,
+    RemovalWait,
+    _ReplugPlan,
+    is_idempotent,
+)
+from balloonctl.errors import (
+    BalloonError,
+    CommandFailed,
+    ConnectionLost,
+    OperationTimeout,
+    PeerError,
+    UsageError,
+    VmUnreachable,
+)
+
+_LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: libvirt's memoryStats keys -> (DESIGN.md name, multiplier to bytes or counts). ``actual``,
+#: ``rss`` and ``last_update`` are not guest statistics and are handled apart.
+#: (src/libvirt-domain.c VIR_DOMAIN_MEMORY_STAT_*; qemu_driver.c qemuDomainMemoryStats)
+STAT_NAMES: Final[Mapping[str, tuple[str, int]]] = {
+    "swap_in": ("swap-in", 1024),
+    "swap_out": ("swap-out", 1024),
+    "major_fault": ("major-faults", 1),
+    "minor_fault": ("minor-faults", 1),
+    "unused": ("free-memory", 1024),  # MemFree
+    "available": ("total-memory", 1024),  # the guest's total, despite the name
+    "usable": ("available-memory", 1024),  # MemAvailable
+    "disk_caches": ("disk-caches", 1024),
+    "hugetlb_pgalloc": ("htlb-pgalloc", 1),
+    "hugetlb_pgfail": ("htlb-pgfail", 1),
+}
+
+#: One line for every driver that cannot pass QMP through.
+NO_PASSTHROUGH: Final = (
+    "VM {vm}: this libvirt driver ({driver}) cannot pass QMP commands through "
+    "(qemuMonitorCommand, needed for {what}: feature bits, negotiate, vring dump); "
+    "use a qemu:// URI or the VM's QMP socket"
+)
+
+#: Unread BALLOON_CHANGE values kept for a watch_actual consumer (as the QMP backend).
+WATCH_BACKLOG: Final = 64
+#: libvirt's own limit on one virDomainMemoryPeek (src/libvirt-domain.c, remote protocol).
+PEEK_CHUNK: Final = 65536
+#: How often the balloon's disappearance is polled for during a replug.
+_REMOVAL_POLL_S: Final = 0.05
+
+_UUID: Final = re.compile(
+    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+)
+
+#: VIR_ERR_* numbers -> names, for CommandFailed.error_class and messages.
+_CODE_NAMES: Final[Mapping[int, str]] = {
+    value: name
+    for name, value in vars(libvirt).items()
+    if name.startswith("VIR_ERR_") and isinstance(value, int) and name != "VIR_ERR_OK"
+}
+#: Errors meaning "no connection to libvirtd" (any error domain).
+_CONNECTION_CODES: Final = frozenset(
+    {
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_AUTH_FAILED,
+        libvirt.VIR_ERR_AUTH_CANCELLED,
+        libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    }
+)
+#: Error domains of the transport to libvirtd: a system error there is a broken connection.
+_TRANSPORT_DOMAINS: Final = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+#: The domain is gone or not running: the VM cannot be reached (exit 1, "gone for now").
+_DOMAIN_GONE_CODES: Final = frozenset({libvirt.VIR_ERR_NO_DOMAIN})
+_TIMEOUT_CODES: Final = frozenset(
+    {libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AGENT_UNRESPONSIVE}
+)
+
+
+def _silence_libvirt() -> None:
+    """libvirt prints every error to stderr by default; balloonctl prints its own one line."""
+    libvirt.registerErrorHandler(lambda *_: None, None)
+
+
+_silence_libvirt()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def error_name(exc: libvirt.libvirtError) -> str:
+    """``VIR_ERR_NO_DOMAIN`` for a libvirtError (``VIR_ERR_<n>`` for a code unknown here)."""
+    code = exc.get_error_code()
+    return _CODE_NAMES.get(code, f"VIR_ERR_{code}") if code is not None else "VIR_ERR_UNKNOWN"
+
+
+def _message(exc: libvirt.libvirtError) -> str:
+    return _one_line(exc.get_error_message() or str(exc) or error_name(exc))
+
+
+def _is_connection_error(exc: libvirt.libvirtError) -> bool:
+    code = exc.get_error_code()
+    if code in _CONNECTION_CODES:
+        return True
+    return exc.get_error_domain() in _TRANSPORT_DOMAINS and code in (
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_INTERNAL_ERROR,
+    )
+
+
+def _is_not_running(exc: libvirt.libvirtError) -> bool:
+    """ "Requested operation is not valid: domain is not running" (a shut-off domain)."""
+    return exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in (
+        exc.get_error_message() or ""
+    )
+
+
+def _map_error(exc: libvirt.libvirtError, vm: str, what: str, *, idempotent: bool) -> BalloonError:
+    """One libvirtError as the BalloonError that says what happened, in one line."""
+    code = exc.get_error_code()
+    text = _message(exc)
+    if _is_connection_error(exc):
+        outcome = "" if idempotent else "; whether it took effect is unknown"
+        return ConnectionLost(
+            f"connection to libvirt lost during {what} on VM {vm}{outcome}: {text}"
+        )
+    if code in _DOMAIN_GONE_CODES or _is_not_running(exc):
+        return VmUnreachable(f"VM {vm} is gone or not running ({what}: {text})")
+    if code in _TIMEOUT_CODES:
+        return OperationTimeout(f"VM {vm}: {what} timed out in libvirt: {text}")
+    return CommandFailed(f"VM {vm} refused {what}: {text}", error_class=error_name(exc))
+
+
+# --------------------------------------------------------------------------------------------
+# The event loop libvirt dispatches on
+# --------------------------------------------------------------------------------------------
+
+
+class _LibvirtThread:
+    """The one thread per process that runs libvirt's event loop and makes every libvirt call.
+
+    Why a thread of its own: libvirt takes one event loop implementation per process, for
+    good (libvirt-python raises "Event loop is already registered" on a second), registered
+    before the first connection opens; but the CLI's and the tests' asyncio loops come and
+    go. And libvirtaio is not thread-safe: its handles and timers must be touched from its
+    own loop's thread only, and libvirt touches them from inside calls (open, close, event
+    registration, keepalive). So libvirtaio runs on a private asyncio loop here, every
+    libvirt call is made on that same thread, and callers' loops only await the results
+    (never blocked by a slow libvirtd). Events are handed back with call_soon_threadsafe.
+    Calls are serialized; each is one short RPC.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            libvirtaio.virEventRegisterAsyncIOImpl(loop=self.loop)
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=main, name="balloonctl-libvirt", daemon=True).start()
+        ready.wait()
+
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn()`` on the libvirt thread; its result or exception, awaited."""
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting caller, not swallowed
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return await asyncio.wrap_future(future)
+
+
+_THREAD_LOCK = threading.Lock()
+_THREAD: list[_LibvirtThread] = []
+
+
+def _libvirt_thread() -> _LibvirtThread:
+    """The process's libvirt thread, started (and libvirtaio registered) on first use."""
+    with _THREAD_LOCK:
+        if not _THREAD:
+            _THREAD.append(_LibvirtThread())
+        return _THREAD[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Connections (pure helpers for `list` and the CLI)
+# --------------------------------------------------------------------------------------------
+
+
+class _CannotConnect(VmUnreachable):
+    """libvirt.open failed: worth retrying for a moment (libvirtd may be restarting)."""
+
+
+def open_connection(uri: str) -> libvirt.virConnect:
+    """``libvirt.open(uri)`` with its failure as :class:`VmUnreachable` (blocking)."""
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise _CannotConnect(f"cannot connect to libvirt at {uri}: {_message(exc)}") from exc
+
+
+def balloon_model(xml: str) -> str | None:
+    """The ``<memballoon model=...>`` of a domain XML, or None when there is none/none."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise PeerError(f"libvirt sent a domain XML that does not parse: {exc}") from exc
+    node = root.find("./devices/memballoon")
+    if node is None:
+        return None
+    model = node.get("model", "")
+    return None if model in ("", "none") else model
+
+
+def stats_period_of(xml: str) -> int:
+    """``<memballoon><stats period='N'/>`` of a live domain XML; 0 when absent (polling off)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise PeerError(f"libvirt sent a domain XML that does not parse: {exc}") from exc
+    node = root.find("./devices/memballoon/stats")
+    if node is None:
+        return 0
+    text = node.get("period", "0")
+    if not text.isdigit():
+        raise PeerError(f"libvirt's domain XML has a stats period {text!r}, not a number")
+    return int(text)
+
+
+def normalize_stats(raw: Mapping[str, int]) -> GuestStats:
+    """libvirt's ``memoryStats()`` (KiB and counts) -> DESIGN.md names in bytes and counts."""
+    stats: dict[str, int] = {}
+    for key, value in raw.items():
+        mapped = STAT_NAMES.get(key)
+        if mapped is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise PeerError(f"libvirt memoryStats: {key!r} is not a non-negative integer")
+        name, scale = mapped
+        stats[name] = value * scale
+    last = raw.get("last_update", 0)
+    if not isinstance(last, int) or last < 0:
+        raise PeerError("libvirt memoryStats: 'last_update' is not a non-negative integer")
+    return GuestStats(last_update=last, stats=stats)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRow:
+    """A running domain with a balloon, as ``list`` shows it."""
+
+    name: str
+    uuid: str
+    actual: int
+    max_memory: int
+
+
+async def list_balloon_domains(uri: str) -> list[DomainRow]:
+    """Running domains of ``uri`` that have a balloon (for ``balloonctl list``)."""
+    return await _libvirt_thread().call(lambda: running_balloon_domains(uri))
+
+
+def running_balloon_domains(uri: str) -> list[DomainRow]:
+    """:func:`list_balloon_domains`'s work (blocking; on the libvirt thread)."""
+    conn = open_connection(uri)
+    try:
+        rows = []
+        try:
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            raise _map_error(exc, uri, "listAllDomains", idempotent=True) from exc
+        for dom in domains:
+            try:
+                if balloon_model(dom.XMLDesc(0)) is None:
+                    continue
+                info = dom.info()
+            except libvirt.libvirtError as exc:
+                _LOG.debug("list: %s vanished: %s", dom.name(), _message(exc))
+                continue
+            rows.append(DomainRow(dom.name(), dom.UUIDString(), info[2] * 1024, info[1] * 1024))
+        return sorted(rows, key=lambda r: r.name)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------
+
+
+class _BoundedValues:
+    """The newest ``maxlen`` values pushed from libvirt's callbacks, read by one consumer."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._pending: deque[int] = deque(maxlen=maxlen)
+        self._arrived = asyncio.Event()
+        #: Values dropped because nobody read them in time.
+        self.dropped = 0
+
+    def push(self, value: int) -> None:
+        if len(self._pending) == self._pending.maxlen:
+            self.dropped += 1
+        self._pending.append(value)
+        self._arrived.set()
+
+    def wake(self) -> None:
+        self._arrived.set()
+
+    def pop(self) -> int | None:
+        return self._pending.popleft() if self._pending else None
+
+    async def wait(self) -> None:
+        self._arrived.clear()
+        await self._arrived.wait()
+
+
+class _ActualValues:
+    """What :meth:`LibvirtBackend.watch_actual` yields: BALLOON_CHANGE actuals in bytes."""
+
+    def __init__(self, vm: str, values: _BoundedValues, alive: Callable[[], bool]) -> None:
+        self._vm = vm
+        self._values = values
+        self._alive = alive
+
+    def __aiter__(self) -> _ActualValues:
+        return self
+
+    async def __anext__(self) -> int:
+        while True:
+            value = self._values.pop()
+            if value is not None:
+                return value
+            if not self._alive():
+                raise ConnectionLost(
+                    f"connection to libvirt lost while watching VM {self._vm}'s balloon"
+                )
+            await self._values.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+class _Session:
+    """One open connection and the domain looked up on it; ``closed`` once libvirt says so."""
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, number: int) -> None:
+        self.conn = conn
+        self.dom = dom
+        self.number = number
+        self.closed = False
+        self.close_reason: int | None = None
+        #: Called (on the loop) when libvirt reports the connection closed.
+        self.on_close: list[Callable[[], None]] = []
+
+
+class LibvirtBackend(QmpVocabulary):
+    """One libvirt domain's balloon (implements :class:`~.base.Backend`).
+
+    ``domain`` is a name or a UUID on ``uri``. ``connect_timeout`` bounds (re)connecting,
+    ``command_timeout`` each call and each wait of :meth:`renegotiate`.
+    """
+
+    #: Attempts of a query whose connection drops mid-call (the first one included).
+    QUERY_ATTEMPTS: Final = 2
+    WATCH_BACKLOG: Final = WATCH_BACKLOG
+
+    def __init__(
+        self,
+        domain: str,
+        uri: str,
+        *,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+    ) -> None:
+        if connect_timeout <= 0 or command_timeout <= 0:
+            raise UsageError("timeouts must be positive")
+        if not domain:
+            raise UsageError("empty domain name")
+        self.name = domain
+        self.uri = uri
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._session: _Session | None = None
+        self._sessions = 0
+        self._connect_lock = asyncio.Lock()
+        self._location = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"LibvirtBackend({self.name!r}, {self.uri!r})"
+
+    async def __aenter__(self) -> LibvirtBackend:
+        await self._connected()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection and let libvirt's pending callbacks run before the loop ends."""
+        session, self._session = self._session, None
+        self._location = None
+        if session is not None:
+            await _libvirt_thread().call(lambda: self._close_blocking(session))
+
+    @staticmethod
+    def _close_blocking(session: _Session) -> None:
+        # The domain object holds a reference on the connection: while it lives, libvirt
+        # keeps the socket (and its event handle) open whatever close() says.
+        session.dom = None
+        with contextlib.suppress(libvirt.libvirtError):
+            session.conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            session.conn.close()
+
+    # ---------------------------------------------------------------- connection
+
+    def _alive(self, session: _Session) -> Callable[[], bool]:
+        def alive() -> bool:
+            return self._session is session and not session.closed
+
+        return alive
+
+    def _open_blocking(self) -> tuple[libvirt.virConnect, libvirt.virDomain]:
+        """Connect and look the domain up (on the libvirt thread)."""
+        conn = open_connection(self.uri)
+        try:
+            dom = self._lookup(conn)
+            if not dom.isActive():
+                raise VmUnreachable(f"VM {self.name} (libvirt {self.uri}) is not running")
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+            raise _map_error(exc, self.name, "lookup", idempotent=True) from exc
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+            raise
+        return conn, dom
+
+    def _lookup(self, conn: libvirt.virConnect) -> libvirt.virDomain:
+        """By name, then by UUID (virsh's order for a string that could be either)."""
+        try:
+            return conn.lookupByName(self.name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            if _UUID.match(self.name):
+                try:
+                    return conn.lookupByUUIDString(self.name)
+                except libvirt.libvirtError as exc2:
+                    if exc2.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            raise VmUnreachable(
+                f"no libvirt domain {self.name!r} on {self.uri} (neither a name nor a UUID there)"
+            ) from exc
+
+    async def _connected(self) -> _Session:
+        """The session, opened (again, after libvirt reported it closed) if need be."""
+        session = self._session
+        if session is not None and not session.closed:
+            return session
+        async with self._connect_lock:
+            session = self._session
+            if session is not None and not session.closed:
+                return session
+            if session is not None:
+                old = session
+                self._session = None
+                _LOG.debug(
+                    "reconnecting to %s after a close (reason %s)", self.uri, old.close_reason
+                )
+                await _libvirt_thread().call(lambda: self._close_blocking(old))
+            self._loop = asyncio.get_running_loop()
+            deadline = self._loop.time() + self._connect_timeout
+            delay = 0.1
+            while True:
+                try:
+                    conn, dom = await _libvirt_thread().call(self._open_blocking)
+                    break
+                except _CannotConnect as exc:
+                    # A reconnect waits for a restarting libvirtd (its socket comes back within
+                    # seconds); a first connect does not: no libvirtd is the usual reason there.
+                    if not self._sessions or self._loop.time() + delay >= deadline:
+                        raise VmUnreachable(f"cannot reach VM {self.name}: {exc}") from exc
+                    _LOG.debug("connecting to %s: %s; retrying", self.uri, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            self._sessions += 1
+            session = _Session(conn, dom, self._sessions)
+            await _libvirt_thread().call(lambda: self._watch_close(session))
+            self._session = session
+            self._location = None
+            return session
+
+    def _watch_close(self, session: _Session) -> None:
+        """Mark the session closed when libvirt says so (EOF, keepalive, libvirtd restart)."""
+        loop = self._loop
+        assert loop is not None
+
+        def closed_on_loop(reason: int) -> None:
+            session.closed = True
+            session.close_reason = reason
+            for callback in session.on_close:
+                callback()
+
+        def on_close(_conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+            # Called from whichever thread noticed: hand over to the loop.
+            with contextlib.suppress(RuntimeError):  # the loop has ended: nobody to tell
+                loop.call_soon_threadsafe(closed_on_loop, reason)
+
+        try:
+            session.conn.registerCloseCallback(on_close, None)
+        except libvirt.libvirtError as exc:
+            _LOG.debug(
+                "%s: no close callback (%s); relying on call errors", self.uri, _message(exc)
+            )
+
+    async def _call(
+        self, what: str, fn: Callable[[libvirt.virDomain], _T], *, idempotent: bool
+    ) -> _T:
+        """Run ``fn(domain)`` in a thread; errors mapped; a query retried after a drop."""
+        attempts = self.QUERY_ATTEMPTS if idempotent else 1
+        for attempt in range(1, attempts + 1):
+            session = await self._connected()
+            try:
+                async with asyncio.timeout(self._command_timeout):
+                    return await _libvirt_thread().call(functools.partial(fn, session.dom))
+            except libvirt.libvirtError as exc:
+                mapped = _map_error(exc, self.name, what, idempotent=idempotent)
+                if isinstance(mapped, ConnectionLost):
+                    session.closed = True  # do not wait for the close callback to say so
+                    if attempt < attempts:
+                        _LOG.debug("%s: %s; retrying on a new connection", self.name, mapped)
+                        continue
+                raise mapped from exc
+            except TimeoutError as exc:
+                raise OperationTimeout(
+                    f"libvirt did not answer {what} for VM {self.name} within "
+                    f"{self._command_timeout:g} s"
+                ) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    # ---------------------------------------------------------------- Backend
+
+    async def actual(self) -> int:
+        """Guest memory now, bytes: memoryStats' ``actual`` (libvirt asks QEMU's query-balloon
+        then; ``info()`` would give the value of the last BALLOON_CHANGE, up to 1 s old)."""
+        raw = await self._call("memoryStats", lambda d: d.memoryStats(), idempotent=True)
+        value = raw.get("actual")
+        if not isinstance(value, int) or value <= 0:
+            raise CommandFailed(
+                f"VM {self.name} has no balloon device (libvirt reports no balloon 'actual')",
+                error_class="DeviceNotActive",
+            )
+        return value * 1024
+
+    async def max_memory(self) -> int:
+        """The domain's maximum memory (``<memory>``), bytes."""
+        kib = await self._call("maxMemory", lambda d: d.maxMemory(), idempotent=True)
+        return int(kib) * 1024
+
+    async def set_target(self, target: int) -> None:
+        """``setMemoryFlags(KiB, AFFECT_LIVE)``: the guest's target size. Never retried."""
+        if isinstance(target, bool) or not isinstance(target, int) or target <= 0:
+            raise UsageError(f"balloon target must be a positive number of bytes, not {target!r}")
+        kib = max(1, target // 1024)
+        await self._call(
+            "setMemoryFlags",
+            lambda d: d.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+            idempotent=False,
+        )
+
+    async def stats(self) -> GuestStats:
+        """``memoryStats()`` normalized: DESIGN.md names, bytes (:func:`normalize_stats`)."""
+        raw = await self._call("memoryStats", lambda d: d.memoryStats(), idempotent=True)
+        return normalize_stats(raw)
+
+    async def stats_period(self) -> int:
+        """The period of the live XML's ``<memballoon><stats period=.../>`` (0: off)."""
+        xml = await self._call("XMLDesc", lambda d: d.XMLDesc(0), idempotent=True)
+        return stats_period_of(xml)
+
+    async def set_stats_period(self, seconds: int) -> None:
+        """``setMemoryStatsPeriod(seconds, AFFECT_LIVE)`` (never retried: an action)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 0:
+            raise UsageError(
+                f"stats period must be a whole number of seconds >= 0, not {seconds!r}"
+            )
+        await self._call(
+            "setMemoryStatsPeriod",
+            lambda d: d.setMemoryStatsPeriod(seconds, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+            idempotent=False,
+        )
+
+    @asynccontextmanager
+    async def watch_actual(self) -> AsyncIterator[AsyncIterator[int]]:
+        """BALLOON_CHANGE ``actual`` values (bytes) from now on, while the context lasts.
+
+        libvirt calls back on the asyncio loop (libvirtaio); the newest :attr:`WATCH_BACKLOG`
+        values are kept. The iterator ends with :class:`ConnectionLost` when the connection
+        closes: events of the gap are lost, so re-read :meth:`actual` before going on.
+        """
+        session = await self._connected()
+        values = _BoundedValues(self.WATCH_BACKLOG)
+        loop = asyncio.get_running_loop()
+
+        def on_balloon(
+            _conn: libvirt.virConnect, _dom: libvirt.virDomain, actual_kib: int, _opaque: object
+        ) -> None:
+            # libvirtaio dispatches on the loop; handing over is right from any thread.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(values.push, int(actual_kib) * 1024)
+
+        session.on_close.append(values.wake)
+
+        def register(dom: libvirt.virDomain) -> int:
+            return int(
+                session.conn.domainEventRegisterAny(
+                    dom, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, on_balloon, None
+                )
+            )
+
+        try:
+            dom = session.dom
+            callback_id = await _libvirt_thread().call(lambda: register(dom))
+        except libvirt.libvirtError as exc:
+            raise _map_error(exc, self.name, "domainEventRegisterAny", idempotent=False) from exc
+        try:
+            yield _ActualValues(self.name, values, self._alive(session))
+        finally:
+            with contextlib.suppress(ValueError):
+                session.on_close.remove(values.wake)
+            if not session.closed:
+                with contextlib.suppress(libvirt.libvirtError):
+                    await _libvirt_thread().call(
+                        lambda: session.conn.domainEventDeregisterAny(callback_id)
+                    )
+
+    # ---------------------------------------------------------------- QMP passthrough
+
+    def _driver_name(self, session: _Session | None) -> str:
+        if session is None:
+            return self.uri
+        with contextlib.suppress(libvirt.libvirtError):
+            return str(session.conn.getType())
+        return self.uri
+
+    async def _execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """One QMP command through ``qemuMonitorCommand``; its ``return`` value.
+
+        A QMP error reply is :class:`CommandFailed` with QMP's class (as the QMP backend);
+        a driver without passthrough is :class:`CommandFailed` ``VIR_ERR_NO_SUPPORT`` with
+        :data:`NO_PASSTHROUGH`: a fact about the hypervisor, not a mistake in the command
+        line, and a daemon must tell "this VM cannot" from "the config is wrong".
+        """
+        message: dict[str, object] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = dict(arguments)
+        text = json.dumps(message)
+        _LOG.debug("%s -> %s", self.name, text)
+        try:
+            raw = await self._call(
+                command,
+                lambda d: libvirt_qemu.qemuMonitorCommand(d, text, 0),
+                idempotent=is_idempotent(command),
+            )
+        except CommandFailed as exc:
+            if exc.error_class == "VIR_ERR_NO_SUPPORT":
+                session = self._session
+                driver = await _libvirt_thread().call(lambda: self._driver_name(session))
+                raise NoQmpCarrier(
+                    NO_PASSTHROUGH.format(vm=self.name, driver=driver, what=command),
+                    error_class="VIR_ERR_NO_SUPPORT",
+                ) from exc
+            raise
+        _LOG.debug("%s <- %s", self.name, _one_line(str(raw), 200))
+        try:
+            reply = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            raise PeerError(f"VM {self.name}: {command} through libvirt: not JSON") from exc
+        if not isinstance(reply, dict):
+            raise PeerError(f"VM {self.name}: {command} through libvirt: not a JSON object")
+        if "error" in reply:
+            error = reply["error"]
+            if not isinstance(error, dict):
+                raise PeerError(f"VM {self.name}: {command}: a malformed error reply")
+            error_class = str(error.get("class", "GenericError"))
+            desc = _one_line(str(error.get("desc", "")))
+            if error_class == "DeviceNotActive":
+                text = f"VM {self.name} has no balloon device (QEMU: {desc})"
+            elif error_class == "CommandNotFound":
+                text = f"VM {self.name} does not know the QMP command {command} (QEMU: {desc})"
+            else:
+                text = f"VM {self.name} refused {command}: {desc}"
+            raise CommandFailed(text, error_class=error_class)
+        if "return" not in reply:
+            raise PeerError(f"VM {self.name}: {command}: a reply with neither return nor error")
+        return reply["return"]
+
+    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Any QMP command through libvirt; queries are retried after a drop."""
+        return await self._execute(command, arguments)
+
+    async def read_guest_memory(self, gpa: int, size: int) -> bytes:
+        """``virDomainMemoryPeek(VIR_MEMORY_PHYSICAL)`` in chunks of at most 64 KiB (libvirt's
+        limit per call); works on remote connections, unlike ``pmemsave``."""
+        for value in (gpa, size):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"cannot read {size!r} bytes at {gpa!r}")
+        if gpa < 0 or not 0 < size <= MAX_READ:
+            raise UsageError(f"cannot read {size!r} bytes at {gpa!r}: at most {MAX_READ} bytes")
+        if gpa + size > 1 << 64:
+            raise UsageError(f"{size} bytes at {gpa:#x} run past the end of the address space")
+
+        def peek(dom: libvirt.virDomain) -> bytes:
+            out = bytearray()
+            while len(out) < size:
+                n = min(PEEK_CHUNK, size - len(out))
+                out += dom.memoryPeek(gpa + len(out), n, libvirt.VIR_MEMORY_PHYSICAL)
+            return bytes(out)
+
+        data = await self._call("memoryPeek", peek, idempotent=True)
+        if len(data) != size:
+            raise PeerError(f"VM {self.name}: memoryPeek of {size} bytes gave {len(data)}")
+        return data
+
+    # ---------------------------------------------------------------- renegotiate (via qmpvocab)
+
+    def _hotplug_hint(self, driver: str, ident: str) -> str:
+        return (
+            "give the domain a <controller type='pci' model='pcie-root-port'/> and put the "
+            "<memballoon> on its bus (<address type='pci' bus='0x01' .../>), with "
+            "<features><acpi/></features> so the guest releases it promptly"
+        )
+
+    @asynccontextmanager
+    async def _removal_waiter(self, plan: _ReplugPlan) -> AsyncIterator[RemovalWait]:
+        """Poll QEMU's QOM tree until the balloon is gone.
+
+        libvirt consumes QEMU's DEVICE_DELETED itself (9.0 logs "don't know how to remove a
+        memballoon device" and keeps the <memballoon> in its live XML) and passes on no QMP
+        event; its VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED does fire, but the QOM tree is the
+        authority that device_add's "Duplicate device ID" checks, so it is what is polled.
+        """
+        device_id = plan.location.device_id
+
+        async def present() -> bool:
+            if device_id is not None:
+                listing = await self._execute("qom-list", {"path": "/machine/peripheral"})
+                if not isinstance(listing, list):
+                    raise PeerError("qom-list: expected a list")
+                return any(isinstance(e, dict) and e.get("name") == device_id for e in listing)
+            reply = await self._execute("x-query-virtio")
+            if not isinstance(reply, list):
+                raise PeerError("x-query-virtio: expected a list")
+            return any(
+                isinstance(e, dict) and e.get("path") == plan.location.backend for e in reply
+            )
+
+        async def gone() -> None:
+            while await present():
+                await asyncio.sleep(_REMOVAL_POLL_S)
+
+        yield gone
+
+    async def renegotiate(self, enable: Collection[str], disable: Collection[str]) -> FeatureState:
+        """Replug through QMP passthrough (see :meth:`QmpVocabulary.renegotiate`).
+
+        libvirt 9.0 accepts it: it keeps the <memballoon> definition through the replug and
+        drives the new device (same id) with setMemory and memoryStats afterwards. But its
+        live XML keeps the *old* feature attributes (autodeflate, freePageReporting), so a
+        migration or save/restore would bring them back: said in a warning.
+        """
+        state = await super().renegotiate(enable, disable)
+        _LOG.warning(
+            "VM %s: the balloon was replugged behind libvirt's back; its live XML still shows "
+            "the old <memballoon> attributes, and a migration or restore would recreate them",
+            self.name,
+        )
+        return state
+
+
+__all__ = [
+    "NO_PASSTHROUGH",
+    "PEEK_CHUNK",
+    "STAT_NAMES",
+    "DomainRow",
+    "LibvirtBackend",
+    "balloon_model",
+    "error_name",
+    "list_balloon_domains",
+    "normalize_stats",
+    "open_connection",
+    "running_balloon_domains",
+    "stats_period_of",
+]
