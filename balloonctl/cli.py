@@ -13,8 +13,10 @@ import gc
 import json
 import logging
 import os
+import signal
 import stat
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -587,10 +589,46 @@ def exit_code(exc: BalloonError) -> int:
     return EXIT_FAILED
 
 
+def _terminated(signum: int, _frame: object) -> NoReturn:
+    """SIGTERM unwinds the command instead of killing the process on the spot.
+
+    Python's default for SIGTERM ends the process without running a single ``finally``:
+    ``timeout``, systemd or a script stopping ``vring dump`` would leave its pmemsave file
+    (guest memory) in the temporary directory, and ``bench real`` its child running.
+    Raised here, SystemExit unwinds like Ctrl-C does (asyncio.run cancels the command's
+    tasks, their cleanup runs) and the exit status is still the shell's 128 + 15.
+    """
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (never raise for a user's mistake)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if sys.stdout is None:
+        # fd 1 closed (`balloonctl ... >&-`): Python leaves sys.stdout None and the first
+        # write would be an AttributeError traceback, after the command had acted. Refuse
+        # before acting, as a closed pipe ends a command (exit 1).
+        print("balloonctl: error: standard output is closed", file=sys.stderr)
+        return EXIT_FAILED
+    # Only where SIGTERM still has its default action: an ignored one stays ignored, and
+    # `sim` installs its own handler on its loop. Only the main thread may set handlers;
+    # the default comes back afterwards (main() also runs inside other programs' tests).
+    catch = (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        and threading.current_thread() is threading.main_thread()
+    )
+    if catch:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(args)
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command of ``args``, with DESIGN.md's error contract."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="balloonctl: %(levelname)s: %(message)s",

@@ -223,6 +223,14 @@ class _LibvirtThread:
 
     async def call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn()`` on the libvirt thread; its result or exception, awaited."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def submit(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        """Queue ``fn()`` on the libvirt thread (from any thread); its future.
+
+        Cancelling the future before ``fn`` starts skips it; once started it runs to the end
+        (a libvirt call cannot be interrupted) and its future's callbacks run on this thread.
+        """
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -234,7 +242,7 @@ class _LibvirtThread:
                 future.set_exception(exc)
 
         self.loop.call_soon_threadsafe(run)
-        return await asyncio.wrap_future(future)
+        return future
 
 
 _THREAD_LOCK = threading.Lock()
@@ -321,9 +329,22 @@ class DomainRow:
     max_memory: int
 
 
-async def list_balloon_domains(uri: str) -> list[DomainRow]:
-    """Running domains of ``uri`` that have a balloon (for ``balloonctl list``)."""
-    return await _libvirt_thread().call(lambda: running_balloon_domains(uri))
+#: Bound on ``list``'s whole conversation with libvirtd (connect, list, one XML per domain).
+LIST_TIMEOUT_S: Final = 30.0
+
+
+async def list_balloon_domains(uri: str, timeout: float = LIST_TIMEOUT_S) -> list[DomainRow]:
+    """Running domains of ``uri`` that have a balloon (for ``balloonctl list``).
+
+    Bounded: a libvirtd that accepts the connection and then never answers (stopped, wedged)
+    would otherwise block ``list`` for good; libvirt itself has no timeout on a call.
+    """
+    pending = _libvirt_thread().submit(lambda: running_balloon_domains(uri))
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.wrap_future(pending)
+    except TimeoutError as exc:
+        raise OperationTimeout(f"libvirt at {uri} did not answer within {timeout:g} s") from exc
 
 
 def running_balloon_domains(uri: str) -> list[DomainRow]:
@@ -409,6 +430,22 @@ class _ActualValues:
 # --------------------------------------------------------------------------------------------
 
 
+def _close_abandoned(
+    future: concurrent.futures.Future[tuple[libvirt.virConnect, libvirt.virDomain]],
+) -> None:
+    """Close a connection whose open completed after its caller gave up waiting."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    conn, _dom = future.result()
+
+    def close() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    # Usually called on the libvirt thread already; submit() is right from any thread.
+    _libvirt_thread().submit(close)
+
+
 class _Session:
     """One open connection and the domain looked up on it; ``closed`` once libvirt says so."""
 
@@ -431,6 +468,8 @@ class LibvirtBackend(QmpVocabulary):
 
     #: Attempts of a query whose connection drops mid-call (the first one included).
     QUERY_ATTEMPTS: Final = 2
+    #: How long close() waits for the libvirt thread (see :meth:`_close_later`).
+    CLOSE_WAIT_S: Final = 5.0
     WATCH_BACKLOG: Final = WATCH_BACKLOG
 
     def __init__(
@@ -470,7 +509,22 @@ class LibvirtBackend(QmpVocabulary):
         session, self._session = self._session, None
         self._location = None
         if session is not None:
-            await _libvirt_thread().call(lambda: self._close_blocking(session))
+            await self._close_later(session)
+
+    async def _close_later(self, session: _Session) -> None:
+        """Close ``session`` on the libvirt thread, waiting at most :attr:`CLOSE_WAIT_S`.
+
+        The thread may be stuck in a call to a libvirtd that stopped answering (the call's
+        caller has timed out; libvirt cannot interrupt it): waiting for the close behind it
+        would hang a command that has already failed, for good. The close stays queued and
+        runs once the thread is free (or the process exits), so nothing leaks in a daemon.
+        """
+        pending = _libvirt_thread().submit(lambda: self._close_blocking(session))
+        try:
+            async with asyncio.timeout(self.CLOSE_WAIT_S):
+                await asyncio.shield(asyncio.wrap_future(pending))
+        except TimeoutError:
+            _LOG.debug("%s: libvirt is busy; the connection closes when it is free", self.name)
 
     @staticmethod
     def _close_blocking(session: _Session) -> None:
@@ -539,13 +593,13 @@ class LibvirtBackend(QmpVocabulary):
                 _LOG.debug(
                     "reconnecting to %s after a close (reason %s)", self.uri, old.close_reason
                 )
-                await _libvirt_thread().call(lambda: self._close_blocking(old))
+                await self._close_later(old)
             self._loop = asyncio.get_running_loop()
             deadline = self._loop.time() + self._connect_timeout
             delay = 0.1
             while True:
                 try:
-                    conn, dom = await _libvirt_thread().call(self._open_blocking)
+                    conn, dom = await self._open_until(deadline)
                     break
                 except _CannotConnect as exc:
                     # A reconnect waits for a restarting libvirtd (its socket comes back within
@@ -561,6 +615,24 @@ class LibvirtBackend(QmpVocabulary):
             self._session = session
             self._location = None
             return session
+
+    async def _open_until(self, deadline: float) -> tuple[libvirt.virConnect, libvirt.virDomain]:
+        """:meth:`_open_blocking` on the libvirt thread, given up at ``deadline`` (loop time).
+
+        libvirt.open has no timeout of its own: against a libvirtd that accepts and never
+        answers (stopped, wedged) it blocks for good, and so would every command. An open
+        that completes after it was given up is closed on the libvirt thread.
+        """
+        pending = _libvirt_thread().submit(self._open_blocking)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.wrap_future(pending)
+        except TimeoutError as exc:
+            pending.add_done_callback(_close_abandoned)
+            raise VmUnreachable(
+                f"cannot reach VM {self.name}: libvirt at {self.uri} did not answer within "
+                f"{self._connect_timeout:g} s"
+            ) from exc
 
     def _watch_close(self, session: _Session) -> None:
         """Mark the session closed when libvirt says so (EOF, keepalive, libvirtd restart)."""
