@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import stat
 import tempfile
@@ -682,17 +683,18 @@ class QmpBackend(QmpVocabulary):
     async def read_guest_memory(self, gpa: int, size: int) -> bytes:
         """``pmemsave`` into a private file, then read it back (QEMU must run on this host).
 
-        The file is created here first (0622 in a 0711 directory with a random name), so a
-        QEMU running as another user, as under libvirt, can write it and nobody else can
-        read it; a QEMU on another host writes on its own host and leaves ours empty, which
-        is reported rather than returned as zeros.
+        The file is created here first, 0622 under an unguessable name in a 0711 directory:
+        a QEMU running as another user, as under libvirt, can write it; nobody else can read
+        it, and nobody else can find it to write into it (the directory cannot be listed).
+        A QEMU on another host writes on its own host and leaves ours empty, which is
+        reported rather than returned as zeros.
         """
         if not _is_int(gpa) or not _is_int(size) or gpa < 0 or not 0 < size <= MAX_READ:
             raise UsageError(f"cannot read {size!r} bytes at {gpa!r}: at most {MAX_READ} bytes")
         if gpa + size > 1 << 64:
             raise UsageError(f"{size} bytes at {gpa:#x} run past the end of the address space")
         directory = tempfile.mkdtemp(prefix="balloonctl-pmem-")
-        path = os.path.join(directory, "mem")
+        path = os.path.join(directory, f"mem-{secrets.token_hex(16)}")
         try:
             os.chmod(directory, 0o711)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

@@ -28,9 +28,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from balloonctl.backends.address import parse_address
 from balloonctl.errors import OperationTimeout, PeerError, UsageError, VmUnreachable
 from balloonctl.units import PAGE_SIZE, format_size
 
@@ -215,17 +216,32 @@ def _run_one(config: RealBenchConfig, tool: str, target: int, ram: int) -> Sampl
             control.close()
 
 
+def _unix_path(address: str, option: str) -> str:
+    """A socket path from DESIGN.md's VM address forms; the raw client speaks unix only."""
+    parsed = parse_address(address)
+    if parsed.kind != "unix":
+        raise UsageError(f"{option} must be a unix socket (the raw client is unix-only)")
+    return parsed.path
+
+
 def run(config: RealBenchConfig) -> dict[str, Any]:
     """Alternate the two contenders ``rounds`` times each; medians and the ratio."""
     if config.rounds < 1:
         raise UsageError("--rounds must be at least 1")
+    if config.size <= 0:
+        raise UsageError("--size must be positive")
+    config = replace(
+        config,
+        qmp=_unix_path(config.qmp, "--qmp"),
+        observer=_unix_path(config.observer, "--observer") if config.observer else None,
+    )
     probe = _Qmp(config.observer or config.qmp)
     try:
         ram = int(probe.execute("query-memory-size-summary")["base-memory"])
         start = probe.actual()
     finally:
         probe.close()
-    if not 0 < config.size < ram:
+    if config.size >= ram:
         raise UsageError(f"--size must be less than the VM's RAM ({format_size(ram)})")
     target = ram - config.size
     samples: list[Sample] = []

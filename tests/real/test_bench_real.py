@@ -42,3 +42,16 @@ def test_bench_real_refuses_a_size_that_is_not_below_ram(real_vm: Guest) -> None
     result = run_cli("bench", "real", "--qmp", str(real_vm.qmp_path), "--size", "2G")
     assert result.returncode == 2
     assert "--size must be less than the VM's RAM" in result.stderr
+
+
+def test_bench_real_takes_a_unix_address_and_refuses_tcp(real_vm: Guest) -> None:
+    bad = run_cli("bench", "real", "--qmp", "tcp:127.0.0.1:4444")
+    assert bad.returncode == 2
+    assert "--qmp must be a unix socket" in bad.stderr
+    zero = run_cli("bench", "real", "--qmp", str(real_vm.qmp_path), "--size", "0")
+    assert zero.returncode == 2
+    assert "--size must be positive" in zero.stderr
+    # unix:PATH reaches the VM (it got as far as reading its RAM).
+    big = run_cli("bench", "real", "--qmp", f"unix:{real_vm.qmp_path}", "--size", "2G")
+    assert big.returncode == 2
+    assert "--size must be less than the VM's RAM (2 GiB)" in big.stderr
