@@ -257,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--observer", metavar="PATH", help="a second QMP monitor of the same VM")
     real.add_argument("--size", default="1G", type=_size, help="how much to inflate (default 1G)")
     real.add_argument("--rounds", type=_count, default=5, help="runs per tool (default 5)")
+    real.add_argument(
+        "--raw-poll",
+        type=float,
+        default=0.02,
+        metavar="S",
+        help="the raw client's pause between polls (default 0.02, balloonctl's own)",
+    )
     real.set_defaults(func=_cmd_bench_real)
     return parser
 
@@ -557,7 +564,11 @@ def _cmd_bench_real(args: argparse.Namespace) -> int:
     from balloonctl.bench.real import RealBenchConfig, format_report, run  # noqa: PLC0415
 
     config = RealBenchConfig(
-        qmp=args.qmp, observer=args.observer, size=args.size, rounds=args.rounds
+        qmp=args.qmp,
+        observer=args.observer,
+        size=args.size,
+        rounds=args.rounds,
+        raw_poll=args.raw_poll,
     )
     return _emit(args, run(config), format_report)
 
