@@ -261,3 +261,20 @@ def test_status_of_a_socket_never_imports_libvirt(tmp_path: Path) -> None:
     assert "balloonctl.vmcmds" in modules
     assert not [m for m in modules if m.split(".")[0] in ("libvirt", "libvirtaio", "libvirt_qemu")]
     assert "balloonctl.backends.libvirt" not in modules
+
+
+def test_vring_dump_of_a_libvirt_domain_reads_the_real_stats_buffer(
+    libvirtd: Libvirtd, domain: Domain
+) -> None:
+    """vring dump through libvirt: ring addresses by passthrough, bytes by memoryPeek."""
+    result = cli("-c", libvirtd.uri, "vring", "dump", domain.name, "--queue", "stats")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["error"] is None
+    assert report["queue"]["name"] == "stats" and report["queue"]["decode"] == "stats"
+    assert report["read_bytes"] > 0
+    # The <stats period='2'/> domain keeps one stats buffer in flight at the device.
+    assert report["queue"]["in_flight"] == 1
+    (chain,) = report["chains"]
+    # MemTotal does not move: the driver's buffer says what libvirt reports as "available".
+    assert chain["stats"]["total-memory"] == domain.dommemstat()["available"] * 1024
