@@ -35,7 +35,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from balloonctl.backends.address import parse_address
-from balloonctl.errors import OperationTimeout, PeerError, UsageError, VmUnreachable
+from balloonctl.errors import (
+    CommandFailed,
+    OperationTimeout,
+    PeerError,
+    UsageError,
+    VmUnreachable,
+)
 from balloonctl.units import PAGE_SIZE, format_size
 
 #: The whole raw client. Kept as source so it runs in a bare ``python -S`` process.
@@ -129,13 +135,18 @@ class _Qmp:
                 if "event" in msg:
                     continue
                 if "error" in msg:
-                    raise PeerError(f"VM {self.path} refused {command}: {msg['error']}")
+                    error = msg["error"] if isinstance(msg["error"], dict) else {}
+                    raise CommandFailed(
+                        f"VM {self.path} refused {command}: {error.get('desc', msg['error'])}",
+                        error_class=str(error.get("class", "GenericError")),
+                    )
                 return msg.get("return")
         except (OSError, ValueError) as exc:
             raise VmUnreachable(f"VM {self.path}: {command} failed: {exc}") from exc
 
     def actual(self) -> int:
-        value = self.execute("query-balloon")["actual"]
+        reply = self.execute("query-balloon")
+        value = reply.get("actual") if isinstance(reply, dict) else None
         if not isinstance(value, int):
             raise PeerError("query-balloon: actual is not an integer")
         return value
@@ -248,7 +259,10 @@ def run(config: RealBenchConfig) -> dict[str, Any]:
     )
     probe = _Qmp(config.observer or config.qmp)
     try:
-        ram = int(probe.execute("query-memory-size-summary")["base-memory"])
+        summary = probe.execute("query-memory-size-summary")
+        ram = summary.get("base-memory") if isinstance(summary, dict) else None
+        if not isinstance(ram, int) or isinstance(ram, bool) or ram <= 0:
+            raise PeerError("query-memory-size-summary: no base-memory")
         start = probe.actual()
     finally:
         probe.close()
