@@ -20,6 +20,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 U64_MAX = (1 << 64) - 1
 
 _SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+#: Digits a size may have: 2**64 has 20, so 64 leaves room for a fraction.
+_SIZE_DIGITS_MAX = 64
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 
 
@@ -29,6 +31,10 @@ def parse_size(text: str) -> int:
     if match is None:
         raise UsageError(f"not a size: {text!r} (examples: 1536M, 1.5G, 512MiB, 4096)")
     number, suffix, tail = match.groups()
+    if len(number) > _SIZE_DIGITS_MAX:
+        # Fraction() goes through int(), which refuses more than 4300 digits with a
+        # ValueError (found by fuzz target config); no size needs more than a few dozen.
+        raise UsageError(f"not a size: {text[:40]!r}... (more than {_SIZE_DIGITS_MAX} digits)")
     if tail is not None and tail.upper() == "IB" and not suffix:
         raise UsageError(f"not a size: {text!r} ('iB' needs K, M, G or T before it)")
     # Exact rational arithmetic: Decimal's 28-digit context would round a long fraction up.

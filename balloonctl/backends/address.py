@@ -48,8 +48,10 @@ class QmpAddress:
 
 
 def _parse_port(text: str, original: str) -> int:
-    if not text.isdigit():
-        raise UsageError(f"bad QMP address {original!r}: port {text!r} is not a number")
+    # ASCII digits only: str.isdigit also takes "²", which int() refuses (found by fuzz
+    # target config); a port has at most 5 digits, and int() refuses over 4300.
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        raise UsageError(f"bad QMP address {original!r}: port {text[:40]!r} is not a number")
     port = int(text)
     if not 0 < port < 65536:
         raise UsageError(f"bad QMP address {original!r}: port {port} is not in 1..65535")

@@ -297,8 +297,11 @@ def stats_period_of(xml: str) -> int:
     if node is None:
         return 0
     text = node.get("period", "0")
-    if not text.isdigit():
-        raise PeerError(f"libvirt's domain XML has a stats period {text!r}, not a number")
+    # ASCII digits only, and few enough for libvirt's C int (docs/formatdomain: "period" is
+    # an int of seconds): str.isdigit also takes "²" and other scripts' digits, which int()
+    # refuses, and int() refuses more than 4300 digits (found by fuzz target libvirt_stats).
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        raise PeerError(f"libvirt's domain XML has a stats period {text[:40]!r}, not a number")
     return int(text)
 
 
@@ -314,7 +317,9 @@ def normalize_stats(raw: Mapping[str, int]) -> GuestStats:
         name, scale = mapped
         stats[name] = value * scale
     last = raw.get("last_update", 0)
-    if not isinstance(last, int) or last < 0:
+    # bool is an int to isinstance: the same test as the values above (a JSON or mocked
+    # ``true`` must not become last_update True; found by fuzz target libvirt_stats).
+    if not isinstance(last, int) or isinstance(last, bool) or last < 0:
         raise PeerError("libvirt memoryStats: 'last_update' is not a non-negative integer")
     return GuestStats(last_update=last, stats=stats)
 
