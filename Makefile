@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench bench-real system-deps clean
+.PHONY: demo test lint typecheck unit fuzz-smoke bench bench-real system-deps clean
 
 # Debian packages the tests need, each checked by the command or file that proves it present:
 # the real-QEMU tests boot a guest built from Debian's kernel and busybox-static packages
@@ -55,7 +55,24 @@ typecheck: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck unit
+test: lint typecheck unit fuzz-smoke
+
+# A short campaign of every fuzz target (fuzz/fuzz_*.py), each FUZZ_SMOKE_TIME seconds on one
+# core, from a fresh working corpus seeded from fixtures/corpus: fails on any finding (its
+# file stays in $(FUZZ_SMOKE_DIR)/artifacts; `balloonctl fuzz reproduce FILE` shows it).
+# Without any entry point it fails: a smoke run of nothing checks nothing.
+FUZZ_TARGETS    := $(patsubst fuzz/fuzz_%.py,%,$(wildcard fuzz/fuzz_*.py))
+FUZZ_SMOKE_TIME ?= 15
+FUZZ_SMOKE_DIR  ?= build/fuzz-smoke
+
+fuzz-smoke: $(VENV)/.installed
+	@test -n "$(FUZZ_TARGETS)" || { echo "fuzz-smoke: no fuzz/fuzz_*.py targets" >&2; exit 1; }
+	rm -rf $(FUZZ_SMOKE_DIR)
+	@failed=""; for target in $(FUZZ_TARGETS); do \
+	  $(BIN)/balloonctl fuzz run $$target --time $(FUZZ_SMOKE_TIME) --jobs 1 \
+	    --workdir $(FUZZ_SMOKE_DIR) || failed="$$failed $$target"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz-smoke: findings or failures in:$$failed" >&2; exit 1; fi
 
 # The tour on two simulated VMs behind real QMP sockets: no hypervisor needed.
 demo: $(VENV)/.installed

@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the raw client's pause between polls (default 0.02, balloonctl's own)",
     )
     real.set_defaults(func=_cmd_bench_real)
+
+    from balloonctl import fuzzcmd  # noqa: PLC0415 (argparse only: the work loads on use)
+
+    fuzzcmd.add_commands(commands, _emit)
     return parser
 
 

@@ -20,6 +20,8 @@ The tree::
     |                               ``vring dump`` may read (exit 1)
     +-- GuestModelError             the in-process guest cannot go on: its queue is full with
     |                               nothing to wait for, or the device never returned a buffer
+    +-- FuzzerFailed                a fuzzing tool (an atheris entry point, replay.py,
+    |                               coverage.py) stopped without a result (exit 1)
     +-- VirtioError                 a guest broke the ring protocol; the device stops the
         |                           queue (exit 3). Carries .head, .index, .indirect.
         +-- QueueSizeInvalid        size 0, not a power of two, > 32768
@@ -106,6 +108,11 @@ class ReadLimitError(BalloonError):
 class GuestModelError(BalloonError):
     """The in-process guest model cannot go on (no descriptors and nothing in flight, or
     the device never returned what it was given)."""
+
+
+class FuzzerFailed(BalloonError):
+    """A fuzzing tool ``balloonctl fuzz`` runs stopped without a result: it could not start,
+    exited with an error of its own, or outlived its deadline. Not a finding (exit 1)."""
 
 
 class VirtioError(BalloonError):
