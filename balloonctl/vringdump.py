@@ -403,14 +403,6 @@ def parse_queue_status(reply: object, index: int) -> QueueStatus:
     )
 
 
-async def _num_vqs(backend: Backend, path: str) -> int:
-    what = "x-query-virtio-status"
-    reply = await backend.monitor(what, {"path": path})
-    if not isinstance(reply, dict):
-        raise PeerError(f"{what}: not an object")
-    return _int(reply.get("num-vqs"), f"{what} num-vqs", limit=1024)
-
-
 # --------------------------------------------------------------------------------------------
 # The dump
 # --------------------------------------------------------------------------------------------
@@ -423,10 +415,12 @@ async def dump(backend: Backend, queue: str, *, read_limit: int = READ_LIMIT) ->
     index = queue_index(state, queue)
     if not state.device_path:
         raise PeerError("the backend did not say where the balloon's virtio device is")
-    vqs = await _num_vqs(backend, state.device_path)
-    if index >= vqs:
+    # num-vqs came with the features (one x-query-virtio-status, not two).
+    if not state.queues:
+        raise PeerError("x-query-virtio-status did not say how many queues the balloon has")
+    if index >= state.queues:
         raise CommandFailed(
-            f"the {queue} queue would be number {index}, but the device has {vqs} queues"
+            f"the {queue} queue would be number {index}, but the device has {state.queues} queues"
         )
     reply = await backend.monitor(
         "x-query-virtio-queue-status", {"path": state.device_path, "queue": index}

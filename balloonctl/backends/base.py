@@ -49,6 +49,8 @@ class FeatureState:
     unknown_acked: int = 0
     #: QOM path of the virtio backend, e.g. /machine/peripheral/balloon0/virtio-backend.
     device_path: str = ""
+    #: Queues the device has now (``num-vqs``); 0 when the backend did not say.
+    queues: int = 0
 
 
 class Backend(Protocol):

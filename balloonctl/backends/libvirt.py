@@ -274,13 +274,17 @@ def open_connection(uri: str) -> libvirt.virConnect:
         raise _CannotConnect(f"cannot connect to libvirt at {uri}: {_message(exc)}") from exc
 
 
-def balloon_model(xml: str) -> str | None:
-    """The ``<memballoon model=...>`` of a domain XML, or None when there is none/none."""
+def _domain_xml(xml: str) -> ET.Element:
+    """A domain XML's root element; libvirt sending XML that does not parse is a PeerError."""
     try:
-        root = ET.fromstring(xml)
+        return ET.fromstring(xml)
     except ET.ParseError as exc:
         raise PeerError(f"libvirt sent a domain XML that does not parse: {exc}") from exc
-    node = root.find("./devices/memballoon")
+
+
+def balloon_model(xml: str) -> str | None:
+    """The ``<memballoon model=...>`` of a domain XML, or None when there is none/none."""
+    node = _domain_xml(xml).find("./devices/memballoon")
     if node is None:
         return None
     model = node.get("model", "")
@@ -289,11 +293,7 @@ def balloon_model(xml: str) -> str | None:
 
 def stats_period_of(xml: str) -> int:
     """``<memballoon><stats period='N'/>`` of a live domain XML; 0 when absent (polling off)."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise PeerError(f"libvirt sent a domain XML that does not parse: {exc}") from exc
-    node = root.find("./devices/memballoon/stats")
+    node = _domain_xml(xml).find("./devices/memballoon/stats")
     if node is None:
         return 0
     text = node.get("period", "0")

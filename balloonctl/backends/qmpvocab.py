@@ -237,6 +237,7 @@ def decode_virtio_status(
     for bit in profile.bits:
         known |= bit.mask
     names = device_status_names(obj.get("status", {"statuses": []}))
+    queues = obj.get("num-vqs")
     return FeatureState(
         profile=profile.name,
         offered=tuple(profile.decode(offered.mask & known)),
@@ -245,6 +246,7 @@ def decode_virtio_status(
         unknown_offered=offered.mask & ~known,
         unknown_acked=acked.mask & ~known,
         device_path=path,
+        queues=queues if _is_int(queues) and isinstance(queues, int) and queues > 0 else 0,
     )
 
 

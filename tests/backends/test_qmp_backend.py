@@ -838,6 +838,7 @@ QEMU_7_2_FEATURES: Final = FeatureState(
     driver_ok=True,
     unknown_offered=1 << 30,
     device_path="/machine/peripheral/balloon0/virtio-backend",
+    queues=4,  # num-vqs: inflate, deflate, stats, reporting
 )
 
 
