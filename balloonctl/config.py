@@ -5,15 +5,20 @@ Where it is: ``--config FILE``, else ``$BALLOONCTL_CONFIG``, else
 ``/etc/balloonctl/config.toml``; no file is an empty configuration. Every error names the
 file and the key (``ConfigError``, exit 2): a corrupt config must never be half-applied.
 
-Today it holds the VMs balloonctl manages (``[[vm]]``: ``list`` shows them, ``set`` keeps
-their floor); the daemon's ``[host]``, ``[libvirt]`` and ``[policy]`` tables build on it.
+It holds the VMs balloonctl manages (``[[vm]]``: ``list`` shows them, ``set`` keeps their
+floor, the daemon balances them) and the auto-balloon daemon's tables: ``[daemon]`` (tick,
+state directory, metrics endpoint), ``[host]`` (where host memory is read), ``[libvirt]``
+(domains to manage, with include/exclude globs and per-domain floors) and ``[policy]`` (the
+knobs of :mod:`balloonctl.policy`). Every default is in :data:`DEFAULTS` or on the
+dataclasses below, nowhere else; ``contrib/systemd/autoballoon.toml`` shows them all.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,11 +44,114 @@ class VmConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """``[policy]``: the auto-balloon policy's knobs (:mod:`balloonctl.policy` says how each
+    is used). Percentages are of the host's MemTotal (``host_*``) or of a guest's memory.
+
+    The defaults follow the anchors: oVirt MoM's 20 % host pressure and 5 % critical
+    thresholds and 20 % guest headroom, Proxmox's step cap of about 100 MiB per VM and
+    its deadband, ChromeOS concierge's 1 % deadband because every resize costs VM exits.
+    """
+
+    #: Host available below this % of MemTotal: the host is under pressure; guests give.
+    host_low: float = 20.0
+    #: Below this %: critical; guests give twice as fast, down to a smaller headroom.
+    host_critical: float = 5.0
+    #: Above this %: calm; guests may grow back, but only out of what lies above it.
+    host_high: float = 30.0
+    #: Host PSI ``some avg10`` (% of time stalled on memory) at which the host is under
+    #: pressure whatever MemAvailable says (0 turns PSI off).
+    psi_some_avg10: float = 10.0
+    #: A guest shrinks no further than used / (1 - headroom): this % of it stays available.
+    guest_headroom: float = 20.0
+    #: A guest with less than this % of its memory available is under its own pressure.
+    guest_low: float = 10.0
+    #: Extra headroom (percentage points) for a guest without deflate-on-OOM, which cannot
+    #: take memory back from its balloon when it runs out.
+    no_deflate_on_oom_headroom: float = 10.0
+    #: The most one VM's target moves in one tick (bytes) ...
+    max_step: int = 128 << 20
+    #: ... and at most this % of the VM's maximum.
+    max_step_percent: float = 5.0
+    #: Changes smaller than this (bytes) or than ``deadband_percent`` of the VM's memory
+    #: are not made.
+    deadband: int = 16 << 20
+    deadband_percent: float = 1.0
+    #: Statistics older than this (seconds) hold a VM where it is.
+    stale_after: float = 15.0
+    #: Ticks a shrink may take before the guest counts as unable to reach it.
+    settle_ticks: int = 3
+    #: Longest back-off (ticks) for a guest that could not reach its target; it doubles
+    #: from 2 on every failure.
+    backoff_max: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """``[daemon]``: how ``balloonctl daemon`` runs."""
+
+    #: Seconds between ticks (collect, decide, act); the guests' stats period follows it.
+    interval: float = 5.0
+    #: Per-VM state kept across restarts; None: ``$STATE_DIRECTORY`` (systemd's
+    #: StateDirectory=), else ``$XDG_STATE_HOME/balloonctl``, else ``~/.local/state/balloonctl``.
+    state_dir: str | None = None
+    #: ``HOST:PORT`` of the Prometheus endpoint; None (the default) serves none.
+    metrics: str | None = None
+    #: Seconds to connect to one VM, and for one command.
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """``[host]``: where the host's memory state is read (tests point these at files)."""
+
+    meminfo: str = "/proc/meminfo"
+    #: Pressure stall information; a missing file means no PSI (older kernels).
+    psi: str = "/proc/pressure/memory"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """``[[libvirt.domain]]``: floor and shares of one libvirt domain."""
+
+    name: str
+    min: int = 0
+    shares: int = DEFAULT_SHARES
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    """``[libvirt]``: manage every running domain with a balloon on ``uri``."""
+
+    uri: str
+    #: fnmatch globs on domain names: a domain is managed when it matches an include and
+    #: no exclude.
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    #: Floor and shares of domains without a ``[[libvirt.domain]]`` entry.
+    min: int = 0
+    shares: int = DEFAULT_SHARES
+    domains: tuple[DomainConfig, ...] = ()
+
+    def domain(self, name: str) -> DomainConfig:
+        """The floor and shares of domain ``name``."""
+        for entry in self.domains:
+            if entry.name == name:
+                return entry
+        return DomainConfig(name, self.min, self.shares)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole file."""
 
     path: str | None
     vms: tuple[VmConfig, ...] = ()
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    libvirt: LibvirtConfig | None = None
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def find(self, vm: str) -> VmConfig | None:
         """The entry a VM name (entry name, socket path or ``unix:`` address) refers to.
@@ -113,7 +221,25 @@ def load(path: str | None) -> Config:
     return _parse(path, data)
 
 
+_TABLES: Final = ("vm", "daemon", "host", "libvirt", "policy")
+
+
 def _parse(path: str, data: dict[str, Any]) -> Config:
+    for key in data:
+        if key not in _TABLES:
+            raise ConfigError(f"{path}: {key}: unknown table (known: {', '.join(_TABLES)})")
+    vms = _vms(path, data)
+    return Config(
+        path,
+        vms,
+        daemon=_daemon(path, _table(path, data, "daemon")),
+        host=_host(path, _table(path, data, "host")),
+        libvirt=_libvirt(path, data),
+        policy=_policy(path, _table(path, data, "policy")),
+    )
+
+
+def _vms(path: str, data: dict[str, Any]) -> tuple[VmConfig, ...]:
     entries = data.get("vm", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: 'vm' must be an array of tables ([[vm]])")
@@ -127,7 +253,7 @@ def _parse(path: str, data: dict[str, Any]) -> Config:
         if vms[-1].name in names:
             raise ConfigError(f"{where}.name: {vms[-1].name!r} is used twice")
         names.add(vms[-1].name)
-    return Config(path, tuple(vms))
+    return tuple(vms)
 
 
 def _vm(where: str, entry: dict[str, Any]) -> VmConfig:
@@ -148,15 +274,182 @@ def _vm(where: str, entry: dict[str, Any]) -> VmConfig:
     name = entry.get("name", Path(qmp.removeprefix("unix:")).stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}.name: must be a non-empty string")
-    floor = entry.get("min", 0)
-    if isinstance(floor, str):
+    return VmConfig(
+        name=name,
+        qmp=qmp.removeprefix("unix:"),
+        min=_size(f"{where}.min", entry.get("min", 0)),
+        shares=_shares(f"{where}.shares", entry.get("shares", DEFAULT_SHARES)),
+    )
+
+
+# --- the daemon's tables ---------------------------------------------------------------------
+
+
+def _table(path: str, data: dict[str, Any], name: str) -> dict[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {name}: must be a table ([{name}])")
+    return table
+
+
+def _known(where: str, table: dict[str, Any], known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _size(where: str, value: object) -> int:
+    if isinstance(value, str):
         try:
-            floor = parse_size(floor)
+            value = parse_size(value)
         except UsageError as exc:
-            raise ConfigError(f"{where}.min: {exc}") from exc
-    if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
-        raise ConfigError(f'{where}.min: must be a size such as "1G" or a byte count')
-    shares = entry.get("shares", DEFAULT_SHARES)
-    if not isinstance(shares, int) or isinstance(shares, bool) or shares <= 0:
-        raise ConfigError(f"{where}.shares: must be a positive integer")
-    return VmConfig(name=name, qmp=qmp.removeprefix("unix:"), min=floor, shares=shares)
+            raise ConfigError(f"{where}: {exc}") from exc
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f'{where}: must be a size such as "1G" or a byte count')
+    return value
+
+
+def _shares(where: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1 << 20:
+        raise ConfigError(f"{where}: must be a positive integer (at most 1048576)")
+    return value
+
+
+def _number(where: str, value: object, low: float, high: float) -> float:
+    """A finite number in [low, high] (TOML ints are accepted)."""
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ConfigError(f"{where}: must be a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _string(where: str, value: object) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{where}: must be a non-empty string")
+    return value
+
+
+def _globs(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f'{where}: must be a list of glob patterns such as ["web-*"]')
+    return tuple(value)
+
+
+def _daemon(path: str, table: dict[str, Any]) -> DaemonConfig:
+    where = f"{path}: daemon"
+    _known(where, table, {f.name for f in fields(DaemonConfig)})
+    base = DaemonConfig()
+    metrics = table.get("metrics")
+    if metrics is not None:
+        metrics = _string(f"{where}.metrics", metrics)
+        host, sep, port = metrics.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f'{where}.metrics: must be HOST:PORT such as "127.0.0.1:9712"')
+    state_dir = table.get("state_dir")
+    return DaemonConfig(
+        interval=_number(f"{where}.interval", table.get("interval", base.interval), 0.1, 3600),
+        state_dir=None if state_dir is None else _string(f"{where}.state_dir", state_dir),
+        metrics=metrics,
+        connect_timeout=_number(
+            f"{where}.connect_timeout", table.get("connect_timeout", base.connect_timeout), 0.1, 600
+        ),
+        command_timeout=_number(
+            f"{where}.command_timeout", table.get("command_timeout", base.command_timeout), 0.1, 600
+        ),
+    )
+
+
+def _host(path: str, table: dict[str, Any]) -> HostConfig:
+    where = f"{path}: host"
+    _known(where, table, {f.name for f in fields(HostConfig)})
+    base = HostConfig()
+    return HostConfig(
+        meminfo=_string(f"{where}.meminfo", table.get("meminfo", base.meminfo)),
+        psi=_string(f"{where}.psi", table.get("psi", base.psi)),
+    )
+
+
+def _libvirt(path: str, data: dict[str, Any]) -> LibvirtConfig | None:
+    if "libvirt" not in data:
+        return None
+    table = _table(path, data, "libvirt")
+    where = f"{path}: libvirt"
+    _known(where, table, {"uri", "include", "exclude", "min", "shares", "domain"})
+    if "uri" not in table:
+        raise ConfigError(f'{where}.uri: required, a libvirt URI such as "qemu:///system"')
+    uri = _string(f"{where}.uri", table["uri"])
+    entries = table.get("domain", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}.domain: must be an array of tables ([[libvirt.domain]])")
+    domains: list[DomainConfig] = []
+    for i, entry in enumerate(entries):
+        at = f"{where}.domain[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: must be a table")
+        _known(at, entry, {"name", "min", "shares"})
+        name = _string(f"{at}.name", entry.get("name"))
+        if any(d.name == name for d in domains):
+            raise ConfigError(f"{at}.name: {name!r} is used twice")
+        domains.append(
+            DomainConfig(
+                name,
+                _size(f"{at}.min", entry.get("min", 0)),
+                _shares(f"{at}.shares", entry.get("shares", DEFAULT_SHARES)),
+            )
+        )
+    return LibvirtConfig(
+        uri=uri,
+        include=_globs(f"{where}.include", table.get("include", ["*"])),
+        exclude=_globs(f"{where}.exclude", table.get("exclude", [])),
+        min=_size(f"{where}.min", table.get("min", 0)),
+        shares=_shares(f"{where}.shares", table.get("shares", DEFAULT_SHARES)),
+        domains=tuple(domains),
+    )
+
+
+#: [policy] keys that are sizes; the rest are numbers, with their ranges here.
+_POLICY_SIZES: Final = ("max_step", "deadband")
+_POLICY_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "host_low": (0, 100),
+    "host_critical": (0, 100),
+    "host_high": (0, 100),
+    "psi_some_avg10": (0, 100),
+    "guest_headroom": (0, 90),
+    "guest_low": (0, 90),
+    "no_deflate_on_oom_headroom": (0, 50),
+    "max_step_percent": (0.01, 100),
+    "deadband_percent": (0, 50),
+    "stale_after": (0.1, 86400),
+    "settle_ticks": (1, 1000),
+    "backoff_max": (2, 100000),
+}
+
+
+def _policy(path: str, table: dict[str, Any]) -> PolicyConfig:
+    where = f"{path}: policy"
+    _known(where, table, {f.name for f in fields(PolicyConfig)})
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _POLICY_SIZES:
+            values[key] = _size(f"{where}.{key}", value)
+        elif key in ("settle_ticks", "backoff_max"):
+            low, high = _POLICY_RANGES[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{where}.{key}: must be an integer from {low:g} to {high:g}")
+            values[key] = value
+        else:
+            low, high = _POLICY_RANGES[key]
+            values[key] = _number(f"{where}.{key}", value, low, high)
+    policy = PolicyConfig(**values)
+    if not policy.host_critical <= policy.host_low <= policy.host_high:
+        raise ConfigError(
+            f"{where}: host_critical ({policy.host_critical:g}) <= host_low "
+            f"({policy.host_low:g}) <= host_high ({policy.host_high:g}) must hold"
+        )
+    if policy.max_step <= 0:
+        raise ConfigError(f"{where}.max_step: must be more than 0")
+    return policy
