@@ -215,6 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
+    daemon = commands.add_parser(
+        "daemon",
+        help="the auto-balloon daemon: move memory between VMs by policy",
+        description="Every [daemon] interval: read the host's memory and each VM's stats, "
+        "decide targets (balloonctl.policy), set them. VMs come from the config's [[vm]] "
+        "and [libvirt] tables. SIGHUP reloads the config, SIGTERM stops. Under systemd "
+        "use contrib/systemd/balloonctl-autoballoon.service (Type=notify).",
+    )
+    # The global --config works here too, after the command name as the unit writes it.
+    daemon.add_argument(
+        "--config", dest="config", default=argparse.SUPPRESS, metavar="FILE", help="config file"
+    )
+    daemon.add_argument("--once", action="store_true", help="one tick, print it, exit")
+    daemon.add_argument(
+        "--dry-run", action="store_true", help="decide but change nothing (no targets, no state)"
+    )
+    daemon.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="per-VM state (default [daemon] state_dir, $STATE_DIRECTORY, "
+        "~/.local/state/balloonctl)",
+    )
+    daemon.set_defaults(func=_cmd_daemon)
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", metavar="NAME", parser_class=_Parser)
     bench_cmds.required = True
@@ -560,6 +584,29 @@ def _emit(
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         sys.stdout.write(table(report))
+    return EXIT_OK
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    """The auto-balloon daemon (or one tick of it)."""
+    import asyncio  # noqa: PLC0415
+
+    from balloonctl import daemon  # noqa: PLC0415
+
+    config = _config(args)
+    if config.path is None:
+        raise UsageError("the daemon needs a configuration file (--config FILE)")
+    if not config.vms and config.libvirt is None:
+        raise UsageError(f"{config.path}: nothing to manage (no [[vm]] and no [libvirt])")
+    if not args.verbose:
+        logging.getLogger("balloonctl.daemon").setLevel(logging.INFO)
+    report = asyncio.run(
+        daemon.run_daemon(config, once=args.once, dry_run=args.dry_run, state_dir=args.state_dir)
+    )
+    if args.once and report is not None:
+        if report.plan is None:
+            raise BalloonError(report.error or "the tick decided nothing")
+        return _emit(args, daemon.decisions_json(report), daemon.render_decisions)
     return EXIT_OK
 
 

@@ -1,0 +1,728 @@
+"""``balloonctl daemon``: the auto-balloon daemon's composition root and its loop.
+
+Every tick it **collects** (the host's /proc/meminfo and PSI; each VM's statistics, and its
+size from ``BALLOON_CHANGE`` events with a query now and then to resync), **decides**
+(:func:`balloonctl.policy.decide`, pure) and **acts** (one ``set_target`` per VM whose target
+moves). Like tuned, one object graph is built here and the loop waits on an event, so
+SIGTERM is prompt and SIGHUP reloads; systemd daemonizes it (Type=notify), no fork, no PID
+file. Unlike oVirt MoM there is no thread per guest: one asyncio loop serves all of them,
+and a VM that hangs costs its own slot only, never the tick (each VM's collection runs as
+its own task, and the tick goes on without the ones not back by its deadline).
+
+VMs come from ``[[vm]]`` (QMP sockets) and from ``[libvirt]`` (every running domain with a
+balloon, filtered by include/exclude globs, rescanned every ``RESCAN_S``). VMs appearing
+and vanishing are normal: a VM that cannot be reached is retried with exponential backoff
+(``RETRY_MIN_S`` doubling to ``RETRY_MAX_S``) and logged once when it goes and once when
+it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import math
+import re
+import signal
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from balloonctl.backends.base import Backend, GuestStats
+from balloonctl.config import Config, ConfigError, HostConfig
+from balloonctl.config import load as load_config
+from balloonctl.errors import BalloonError, UsageError
+from balloonctl.policy import Decision, HostState, Plan, VmMemory, VmState, decide
+from balloonctl.sdnotify import Notifier
+from balloonctl.statestore import StateStore, default_dir
+from balloonctl.units import format_size
+
+log = logging.getLogger(__name__)
+
+#: The daemon's mechanics (not policy: these are not knobs anybody should need to turn).
+#: Ticks between re-reads of a VM's size, maximum and features (events keep the size
+#: current in between; the re-read catches a missed event or a hot-plugged DIMM).
+RESYNC_TICKS: Final = 30
+#: Reconnect backoff for a VM that cannot be reached.
+RETRY_MIN_S: Final = 1.0
+RETRY_MAX_S: Final = 60.0
+#: How often libvirt is asked for its running domains.
+RESCAN_S: Final = 10.0
+#: Share of the interval a tick may spend waiting for the VMs' answers.
+COLLECT_SHARE: Final = 0.6
+
+
+class HostReadError(BalloonError):
+    """The host's memory state cannot be read (the tick decides nothing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The host
+# --------------------------------------------------------------------------------------------
+
+
+def parse_meminfo(text: str) -> tuple[int, int]:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo's text (proc(5): kB units)."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and key in ("MemTotal", "MemAvailable"):
+            number = rest.split()
+            if not number or not number[0].isdigit():
+                raise HostReadError(f"meminfo: {key} is not a number: {rest.strip()!r}")
+            values[key] = int(number[0]) * 1024
+    for key in ("MemTotal", "MemAvailable"):
+        if key not in values:
+            raise HostReadError(f"meminfo: no {key} line (Linux 3.14 or later has it)")
+    total, available = values["MemTotal"], values["MemAvailable"]
+    if total <= 0 or available > total:
+        raise HostReadError(f"meminfo: MemAvailable {available} with MemTotal {total}")
+    return total, available
+
+
+def parse_psi(text: str) -> float | None:
+    """``some avg10`` from /proc/pressure/memory (Documentation/accounting/psi.rst)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "some":
+            for field in fields[1:]:
+                key, _, value = field.partition("=")
+                if key == "avg10":
+                    try:
+                        number = float(value)
+                    except ValueError:
+                        return None
+                    return number if 0.0 <= number <= 100.0 else None
+    return None
+
+
+def read_host(cfg: HostConfig) -> HostState:
+    """The host's memory now; PSI is optional (no file, no PSI)."""
+    try:
+        with open(cfg.meminfo, encoding="ascii", errors="replace") as fh:
+            total, available = parse_meminfo(fh.read(65536))
+    except OSError as exc:
+        raise HostReadError(f"cannot read {cfg.meminfo}: {exc.strerror or exc}") from exc
+    psi: float | None = None
+    try:
+        with open(cfg.psi, encoding="ascii", errors="replace") as fh:
+            psi = parse_psi(fh.read(4096))
+    except OSError:
+        psi = None  # no PSI on this kernel (or it is disabled): MemAvailable alone decides
+    return HostState(total, available, psi)
+
+
+# --------------------------------------------------------------------------------------------
+# The VMs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A VM to manage and how to reach it."""
+
+    name: str
+    floor: int
+    shares: int
+    #: A QMP socket address, or a libvirt domain name when ``uri`` is set.
+    address: str
+    uri: str | None = None
+
+
+def members(config: Config, domains: Iterable[str]) -> list[Member]:
+    """The VMs ``config`` manages: its ``[[vm]]``s, then the libvirt ``domains`` that pass
+    the include/exclude globs (a domain named like a ``[[vm]]`` is left to the ``[[vm]]``)."""
+    out = [Member(vm.name, vm.min, vm.shares, vm.qmp) for vm in config.vms]
+    names = {m.name for m in out}
+    lv = config.libvirt
+    if lv is not None:
+        for domain in sorted(domains):
+            if domain in names:
+                log.warning("libvirt domain %s has the name of a [[vm]]; only the [[vm]]", domain)
+                continue
+            if not any(fnmatch.fnmatchcase(domain, g) for g in lv.include):
+                continue
+            if any(fnmatch.fnmatchcase(domain, g) for g in lv.exclude):
+                continue
+            entry = lv.domain(domain)
+            out.append(Member(domain, entry.min, entry.shares, domain, lv.uri))
+    return out
+
+
+BackendFactory = Callable[[Member, Config], Backend]
+
+
+def open_backend(member: Member, config: Config) -> Backend:
+    """A backend for ``member``; libvirt is imported only for domains."""
+    timeouts = {
+        "connect_timeout": config.daemon.connect_timeout,
+        "command_timeout": config.daemon.command_timeout,
+    }
+    if member.uri is None:
+        from balloonctl.backends.qmp import QmpBackend  # noqa: PLC0415
+
+        return QmpBackend(member.address, **timeouts)
+    from balloonctl.backends.libvirt import LibvirtBackend  # noqa: PLC0415
+
+    return LibvirtBackend(member.address, member.uri, **timeouts)
+
+
+class Link:
+    """One managed VM: its connection, what the daemon knows of it, and its policy memory."""
+
+    def __init__(self, member: Member, memory: VmMemory) -> None:
+        self.member = member
+        self.memory = memory
+        self.backend: Backend | None = None
+        self.up = False
+        self.failures = 0
+        self.next_attempt = 0.0
+        self.down_reason: str | None = None
+        self.maximum = 0
+        self.deflate_on_oom = False
+        self.actual: int | None = None
+        self.stats: GuestStats | None = None
+        self.polling = False
+        #: Resync on ticks where (tick + offset) % RESYNC_TICKS == 0: the resyncs of many
+        #: VMs spread over the ticks instead of all landing on one.
+        self.resync_offset = zlib.crc32(member.name.encode()) % RESYNC_TICKS
+        self.resync_due = True
+        self.watch: asyncio.Task[None] | None = None
+        #: The collection in progress (a VM that hangs keeps its own task, not the tick).
+        self.busy: asyncio.Task[bool] | None = None
+        self.last_reason_kind = ""
+
+    @property
+    def name(self) -> str:
+        """The VM's name in logs, state and decisions."""
+        return self.member.name
+
+    def state(self, now_wall: float) -> VmState:
+        """What the policy needs, as of this tick."""
+        assert self.actual is not None
+        stats = self.stats
+        usable = stats is not None and stats.last_update > 0
+        return VmState(
+            name=self.name,
+            actual=self.actual,
+            maximum=self.maximum,
+            floor=self.member.floor,
+            shares=self.member.shares,
+            stats=stats.stats if usable and stats is not None else None,
+            stats_age=now_wall - stats.last_update if usable and stats is not None else math.inf,
+            deflate_on_oom=self.deflate_on_oom,
+            memory=self.memory,
+        )
+
+    async def collect(
+        self, factory: BackendFactory, config: Config, tick: int, *, dry_run: bool
+    ) -> bool:
+        """Connect if need be, then read the statistics (and resync the size now and then).
+
+        False when the VM cannot be reached now (it is retried later, with backoff).
+        """
+        now = time.monotonic()
+        if not self.up and now < self.next_attempt:
+            return False
+        try:
+            if not self.up:
+                await self._connect(factory, config, tick, dry_run=dry_run)
+            backend = self.backend
+            assert backend is not None
+            if self.watch is None or self.watch.done():
+                self._watch(backend)  # listening before the size is read: no change missed
+            if self.resync_due or (tick + self.resync_offset) % RESYNC_TICKS == 0:
+                await self._resync(backend)
+            self.stats = await backend.stats() if self.polling else None
+        except BalloonError as exc:
+            await self._down(str(exc))
+            return False
+        if self.down_reason is not None:
+            log.info("%s: reachable again", self.name)
+            self.down_reason = None
+        self.failures = 0
+        return True
+
+    async def _connect(
+        self, factory: BackendFactory, config: Config, tick: int, *, dry_run: bool
+    ) -> None:
+        backend = factory(self.member, config)
+        self.backend = backend
+        await backend.__aenter__()
+        period = max(1, math.ceil(config.daemon.interval))
+        current = await backend.stats_period()
+        # Faster than the tick is fine (someone else wants it); slower or off is not.
+        if not dry_run and (current == 0 or current > period):
+            await backend.set_stats_period(period)
+            current = period
+        self.polling = current > 0
+        if dry_run and not self.polling:
+            log.info("%s: stats polling is off; --dry-run does not turn it on", self.name)
+        self.up = True
+
+    async def _resync(self, backend: Backend) -> None:
+        self.maximum = await backend.max_memory()
+        self.actual = await backend.actual()
+        features = await backend.features()
+        self.deflate_on_oom = "deflate-on-oom" in features.acked
+        self.resync_due = False
+
+    def _watch(self, backend: Backend) -> None:
+        async def follow() -> None:
+            try:
+                async with backend.watch_actual() as values:
+                    async for actual in values:
+                        self.actual = actual
+            except BalloonError as exc:
+                log.debug("%s: event watch ended: %s", self.name, exc)
+            # Events may have been missed while no watch ran: re-read the size next tick.
+            self.resync_due = True
+
+        self.watch = asyncio.create_task(follow(), name=f"watch {self.name}")
+
+    async def _down(self, reason: str) -> None:
+        if self.down_reason is None:
+            log.warning("%s: %s", self.name, reason)
+        self.down_reason = reason
+        self.failures += 1
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (self.failures - 1))
+        self.next_attempt = time.monotonic() + delay
+        await self.close()
+
+    async def close(self) -> None:
+        """Hang up (the VM is gone, unmanaged now, or the daemon stops)."""
+        self.up = False
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            with contextlib.suppress(BalloonError):
+                await backend.__aexit__(None, None, None)
+        self.actual = None
+        self.stats = None
+        self.resync_due = True
+
+    async def act(self, decision: Decision) -> bool:
+        """Set the decided target. False if it was refused or the VM is gone."""
+        backend = self.backend
+        if backend is None:
+            return False
+        try:
+            await backend.set_target(decision.target)
+        except BalloonError as exc:
+            log.warning("%s: setting %s failed: %s", self.name, format_size(decision.target), exc)
+            await self._down(str(exc))
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    """What one tick did (for ``--once``, the bench and the tests)."""
+
+    tick: int
+    plan: Plan | None
+    host: HostState | None
+    managed: int
+    answered: int
+    sent: int
+    seconds: float
+    error: str | None = None
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its numbers: a hold is logged again only when its kind changes."""
+    return re.sub(r"[\d.]+", "#", reason)
+
+
+class Daemon:
+    """The composition root: config, VMs, policy, state, notify and metrics, one loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dry_run: bool = False,
+        state_dir: str | None = None,
+        factory: BackendFactory = open_backend,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.dry_run = dry_run
+        self.factory = factory
+        self.notifier = notifier if notifier is not None else Notifier.from_env()
+        directory = state_dir or config.daemon.state_dir or default_dir()
+        self.store = None if dry_run else StateStore(directory)
+        self.links: dict[str, Link] = {}
+        self.tick_no = 0
+        self.domains: list[str] = []
+        self._rescan_at = 0.0
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._reload = False
+        self.metrics: Any = None
+        self._signals: list[int] = []
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> Daemon:
+        if self.store is not None:
+            try:
+                self.store.open()
+            except OSError as exc:
+                raise UsageError(
+                    f"state directory {self.store.directory}: {exc.strerror or exc}"
+                ) from exc
+            self.tick_no = self.store.load_tick()
+        if self.config.daemon.metrics is not None:
+            from balloonctl.metrics import Metrics  # noqa: PLC0415
+
+            self.metrics = Metrics(self.config.daemon.metrics)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.notifier.stopping()
+        for link in list(self.links.values()):
+            await self._drop(link)
+        if self.metrics is not None:
+            self.metrics.close()
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT stop after the current tick's step; SIGHUP reloads the config."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+    def stop(self) -> None:
+        """Leave the loop (prompt: it waits on an event, not a sleep)."""
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Re-read the config before the next tick."""
+        self._reload = True
+        self._wake.set()
+
+    def reload(self) -> None:
+        """Re-read the config file; a bad one is reported and the running one kept."""
+        self._reload = False
+        path = self.config.path
+        if path is None:
+            return
+        self.notifier.reloading()
+        try:
+            fresh = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+        else:
+            if fresh.daemon.metrics != self.config.daemon.metrics:
+                log.warning("[daemon] metrics changes need a restart; keeping the endpoint")
+            self.config = fresh
+            self._rescan_at = 0.0
+            log.info("configuration reloaded from %s", path)
+        self.notifier.ready(self._status_text(None))
+
+    async def run(self, *, once: bool = False) -> TickReport | None:
+        """Tick until stopped (or once). Returns the last tick's report."""
+        report: TickReport | None = None
+        interval = self.config.daemon.interval
+        next_tick = time.monotonic()
+        first = True
+        while not self._stop.is_set():
+            if self._reload:
+                self.reload()
+                interval = self.config.daemon.interval
+            report = await self.tick(settle=once)
+            if first:
+                self.notifier.ready(self._status_text(report))
+                first = False
+            else:
+                self.notifier.status(self._status_text(report))
+            self.notifier.watchdog()
+            if once:
+                break
+            next_tick += interval
+            now = time.monotonic()
+            if next_tick < now:  # an overrun: skip the ticks that were missed
+                next_tick = now + interval - (now - next_tick) % interval
+            await self._sleep_until(next_tick)
+        return report
+
+    async def _sleep_until(self, deadline: float) -> None:
+        """Wait for the next tick, a signal, or half the watchdog period (then ping)."""
+        ping = self.notifier.watchdog_interval
+        while not self._stop.is_set() and not self._reload:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            step = min(left, ping / 2) if ping else left
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(step):
+                    await self._wake.wait()
+            if ping:
+                self.notifier.watchdog()
+
+    # ------------------------------------------------------------------ one tick
+
+    async def tick(self, *, settle: bool = False) -> TickReport:
+        """Collect, decide, act: one round over every managed VM."""
+        started = time.monotonic()
+        self.tick_no += 1
+        tick = self.tick_no
+        await self._reconcile()
+        answered = await self._collect(tick, settle=settle)
+        try:
+            host = read_host(self.config.host)
+        except HostReadError as exc:
+            log.error("tick %d: %s; deciding nothing", tick, exc)
+            return self._report(tick, None, None, answered, 0, started, str(exc))
+        now_wall = time.time()
+        states = [link.state(now_wall) for link in answered]
+        plan = decide(host, states, self.config.policy, tick)
+        sent = await self._act(plan, answered)
+        if self.store is not None:
+            self.store.save_tick(tick)
+        if self.metrics is not None:
+            self.metrics.observe(
+                host, plan, [link.state(now_wall) for link in answered], len(self.links)
+            )
+        return self._report(tick, plan, host, answered, sent, started, None)
+
+    def _report(
+        self,
+        tick: int,
+        plan: Plan | None,
+        host: HostState | None,
+        answered: Sequence[Link],
+        sent: int,
+        started: float,
+        error: str | None,
+    ) -> TickReport:
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.tick_took(seconds)
+        return TickReport(tick, plan, host, len(self.links), len(answered), sent, seconds, error)
+
+    async def _reconcile(self) -> None:
+        """Bring ``links`` in line with the configuration and libvirt's domains."""
+        lv = self.config.libvirt
+        if lv is not None and time.monotonic() >= self._rescan_at:
+            self._rescan_at = time.monotonic() + RESCAN_S
+            try:
+                from balloonctl.backends.libvirt import list_balloon_domains  # noqa: PLC0415
+
+                rows = await list_balloon_domains(
+                    lv.uri, timeout=self.config.daemon.command_timeout
+                )
+            except (BalloonError, ImportError) as exc:
+                log.warning("libvirt %s: cannot list domains: %s", lv.uri, exc)
+            else:
+                self.domains = [row.name for row in rows]
+        elif lv is None:
+            self.domains = []
+        wanted = {m.name: m for m in members(self.config, self.domains)}
+        for name, link in list(self.links.items()):
+            member = wanted.get(name)
+            if member is None:
+                log.info("%s: no longer managed", name)
+                await self._drop(link)
+            elif (member.address, member.uri) != (link.member.address, link.member.uri):
+                await self._drop(link)
+            else:
+                link.member = member  # a reload may change floor and shares
+        for name, member in wanted.items():
+            if name not in self.links:
+                memory = self.store.load(name) if self.store is not None else VmMemory()
+                self.links[name] = Link(member, memory)
+
+    async def _drop(self, link: Link) -> None:
+        self.links.pop(link.name, None)
+        busy = link.busy
+        if busy is not None and not busy.done():
+            busy.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await busy
+        await link.close()
+
+    async def _collect(self, tick: int, *, settle: bool) -> list[Link]:
+        """Each VM's collection as its own task; the tick waits for them until its deadline."""
+        started: list[Link] = []
+        for link in self.links.values():
+            if link.busy is not None and not link.busy.done():
+                continue  # still stuck on an earlier tick: leave it out of this one
+            link.busy = asyncio.create_task(
+                link.collect(self.factory, self.config, tick, dry_run=self.dry_run),
+                name=f"collect {link.name}",
+            )
+            started.append(link)
+        tasks = [link.busy for link in started if link.busy is not None]
+        if tasks:
+            budget = max(self.config.daemon.interval * COLLECT_SHARE, 0.5)
+            if settle:
+                budget = self.config.daemon.connect_timeout + self.config.daemon.command_timeout
+            await asyncio.wait(tasks, timeout=budget)
+        if settle and any(link.up and link.stats is None and link.polling for link in started):
+            # --once right after polling was turned on: one period for the first reading.
+            await asyncio.sleep(max(1, math.ceil(self.config.daemon.interval)) + 0.2)
+            await self._restats(started)
+        return [
+            link
+            for link in started
+            if link.busy is not None
+            and link.busy.done()
+            and not link.busy.cancelled()
+            and link.busy.exception() is None
+            and link.busy.result()
+            and link.actual is not None
+        ]
+
+    async def _restats(self, links: Sequence[Link]) -> None:
+        async def one(link: Link) -> None:
+            if link.backend is not None and link.up:
+                try:
+                    link.stats = await link.backend.stats()
+                except BalloonError as exc:
+                    await link._down(str(exc))
+
+        await asyncio.gather(*(one(link) for link in links))
+
+    async def _act(self, plan: Plan, answered: Sequence[Link]) -> int:
+        by_name = {link.name: link for link in answered}
+        todo: list[tuple[Link, Decision]] = []
+        for decision in plan.decisions:
+            link = by_name[decision.vm]
+            self._log(link, decision)
+            if decision.send and not self.dry_run:
+                todo.append((link, decision))
+            elif not self.dry_run:
+                self._remember(link, decision.memory)
+        if not todo:
+            return 0
+        results = await asyncio.gather(*(link.act(decision) for link, decision in todo))
+        sent = 0
+        for (link, decision), ok in zip(todo, results, strict=True):
+            if ok:
+                sent += 1
+                self._remember(link, decision.memory)
+                if self.metrics is not None:
+                    self.metrics.decided(decision)
+        return sent
+
+    def _remember(self, link: Link, memory: VmMemory) -> None:
+        link.memory = memory
+        if self.store is not None:
+            self.store.save(link.name, memory)
+
+    def _log(self, link: Link, decision: Decision) -> None:
+        """One line per decision that moves a VM; a hold only when its kind changes."""
+        kind = _reason_kind(decision.reason)
+        if decision.send:
+            log.info(
+                "%s: %s -> %s: %s%s",
+                link.name,
+                format_size(decision.current),
+                format_size(decision.target),
+                decision.reason,
+                " (dry run)" if self.dry_run else "",
+            )
+        elif kind != link.last_reason_kind:
+            log.info("%s: at %s: %s", link.name, format_size(decision.current), decision.reason)
+        else:
+            log.debug("%s: at %s: %s", link.name, format_size(decision.current), decision.reason)
+        link.last_reason_kind = kind
+
+    def _status_text(self, report: TickReport | None) -> str:
+        if report is None:
+            return f"reloaded; {len(self.links)} VMs"
+        if report.plan is None:
+            return f"tick {report.tick}: {report.error}"
+        return (
+            f"tick {report.tick}: {report.answered}/{report.managed} VMs answering; "
+            f"{report.plan.host_reason} ({report.plan.mode.value}); {report.sent} moved"
+        )
+
+
+def decisions_json(report: TickReport) -> dict[str, Any]:
+    """``--json --once``: ``{"decisions": [{vm, current_bytes, target_bytes, reason}], "host"}``."""
+    plan = report.plan
+    out: dict[str, Any] = {
+        "decisions": [
+            {
+                "vm": d.vm,
+                "current_bytes": d.current,
+                "target_bytes": d.target,
+                "reason": d.reason,
+            }
+            for d in (plan.decisions if plan is not None else ())
+        ]
+    }
+    host = report.host
+    out["host"] = (
+        None
+        if host is None or plan is None
+        else {
+            "mode": plan.mode.value,
+            "total_bytes": host.total,
+            "available_bytes": host.available,
+            "psi_some_avg10": host.psi_some_avg10,
+        }
+    )
+    return out
+
+
+def render_decisions(data: dict[str, Any]) -> str:
+    """``--once`` without ``--json``: one line per VM."""
+    lines = []
+    host = data.get("host")
+    if host is not None:
+        lines.append(
+            f"host: {host['mode']}, {format_size(host['available_bytes'])} of "
+            f"{format_size(host['total_bytes'])} available"
+        )
+    width = max((len(d["vm"]) for d in data["decisions"]), default=2)
+    for d in data["decisions"]:
+        lines.append(
+            f"{d['vm']:<{width}}  {format_size(d['current_bytes']):>10} -> "
+            f"{format_size(d['target_bytes']):>10}  {d['reason']}"
+        )
+    if not data["decisions"]:
+        lines.append("no VM answered")
+    return "\n".join(lines) + "\n"
+
+
+async def run_daemon(
+    config: Config, *, once: bool, dry_run: bool, state_dir: str | None = None
+) -> TickReport | None:
+    """The CLI's entry: build the daemon, handle signals, tick."""
+    _raise_fd_limit()
+    async with Daemon(config, dry_run=dry_run, state_dir=state_dir) as daemon:
+        daemon.install_signals()
+        return await daemon.run(once=once)
+
+
+def _raise_fd_limit() -> None:
+    """One socket per VM: lift the soft RLIMIT_NOFILE to the hard one (systemd's default
+    soft limit is 1024, which 1000 VMs would hit)."""
+    import resource  # noqa: PLC0415
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,0 +1,115 @@
+"""The daemon's Prometheus endpoint (``[daemon] metrics = "127.0.0.1:9712"``; off by default).
+
+prometheus_client is imported only when the endpoint is on. The registry is the daemon's
+own (not the library's global one, which would also export this process's GC and platform
+collectors under names a dashboard might confuse with the guests'). Series of a VM that is
+no longer managed are removed, so a vanished VM does not report its last values forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from balloonctl.errors import UsageError
+from balloonctl.policy import Decision, HostState, Plan, VmState
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Gauges and counters for one daemon, served over HTTP by prometheus_client's thread."""
+
+    def __init__(self, listen: str) -> None:
+        from prometheus_client import (  # noqa: PLC0415
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        vm = ["vm"]
+        self.actual = Gauge("balloonctl_vm_actual_bytes", "Guest memory now", vm, registry=reg)
+        self.target = Gauge("balloonctl_vm_target_bytes", "Last target set", vm, registry=reg)
+        self.floor = Gauge("balloonctl_vm_floor_bytes", "Configured floor", vm, registry=reg)
+        self.maximum = Gauge("balloonctl_vm_maximum_bytes", "VM RAM", vm, registry=reg)
+        self.available = Gauge(
+            "balloonctl_vm_available_bytes", "Guest available-memory", vm, registry=reg
+        )
+        self.host_total = Gauge("balloonctl_host_total_bytes", "Host MemTotal", registry=reg)
+        self.host_available = Gauge(
+            "balloonctl_host_available_bytes", "Host MemAvailable", registry=reg
+        )
+        self.host_mode = Gauge(
+            "balloonctl_host_mode", "1 for the host's current mode", ["mode"], registry=reg
+        )
+        self.vms_up = Gauge("balloonctl_vms_up", "VMs answering this tick", registry=reg)
+        self.vms_managed = Gauge("balloonctl_vms_managed", "VMs managed", registry=reg)
+        self.decisions = Counter(
+            "balloonctl_decisions", "Targets set, by action", ["action"], registry=reg
+        )
+        self.tick = Histogram(
+            "balloonctl_tick_seconds",
+            "Duration of one collect-decide-act tick",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=reg,
+        )
+        self._vms: set[str] = set()
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            self.server, self.thread = start_http_server(int(port), addr=host, registry=reg)
+        except OSError as exc:
+            raise UsageError(f"metrics endpoint {listen}: {exc.strerror or exc}") from exc
+        log.info("metrics on http://%s/metrics", listen)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    def observe(
+        self, host: HostState | None, plan: Plan | None, vms: Iterable[VmState], managed: int
+    ) -> None:
+        """One tick's numbers."""
+        seen: set[str] = set()
+        for vm in vms:
+            seen.add(vm.name)
+            self.actual.labels(vm.name).set(vm.actual)
+            self.floor.labels(vm.name).set(vm.floor)
+            self.maximum.labels(vm.name).set(vm.maximum)
+            if vm.stats is not None and "available-memory" in vm.stats:
+                self.available.labels(vm.name).set(vm.stats["available-memory"])
+            if vm.memory.target is not None:
+                self.target.labels(vm.name).set(vm.memory.target)
+        for gone in self._vms - seen:
+            for gauge in (self.actual, self.floor, self.maximum, self.available, self.target):
+                _remove(gauge, gone)
+        self._vms = seen
+        self.vms_up.set(len(seen))
+        self.vms_managed.set(managed)
+        if host is not None:
+            self.host_total.set(host.total)
+            self.host_available.set(host.available)
+        if plan is not None:
+            for mode in ("critical", "pressure", "balanced", "calm"):
+                self.host_mode.labels(mode).set(1 if plan.mode.value == mode else 0)
+
+    def decided(self, decision: Decision) -> None:
+        """Count one sent target."""
+        action = decision.reason.split(":", 1)[0]
+        self.decisions.labels(action).inc()
+
+    def tick_took(self, seconds: float) -> None:
+        """One tick's duration."""
+        self.tick.observe(seconds)
+
+
+def _remove(gauge: Any, vm: str) -> None:
+    with contextlib.suppress(KeyError):
+        gauge.remove(vm)

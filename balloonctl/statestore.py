@@ -1,0 +1,128 @@
+"""The daemon's state directory: what the policy remembers about each VM, across restarts.
+
+A restart must not forget that a guest could not reach its last target (it would be pushed
+again at once) nor which target is in flight. One small JSON file per VM, written only when
+its memory changes, plus ``daemon.json`` with the tick counter (the policy's memory counts
+in ticks). Every write is a new file renamed over the old one, so a crash mid-write leaves
+the previous state; a file that does not parse is reported and ignored (the VM starts with
+no memory, which is only more cautious), never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, fields
+from typing import Any, Final
+from urllib.parse import quote
+
+from balloonctl.policy import VmMemory
+
+log = logging.getLogger(__name__)
+
+_DAEMON_FILE: Final = "daemon.json"
+_SUFFIX: Final = ".vm.json"
+_FIELDS: Final = {f.name: f.type for f in fields(VmMemory)}
+
+
+def default_dir() -> str:
+    """``$STATE_DIRECTORY`` (systemd's StateDirectory=), else the XDG state directory."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return systemd.split(":")[0]
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(xdg, "balloonctl")
+
+
+class StateStore:
+    """Per-VM :class:`VmMemory` and the tick counter under one directory (0700)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._written: dict[str, VmMemory] = {}
+        self._broken = False
+
+    def open(self) -> None:
+        """Create the directory if need be (mode 0700: it names the VMs)."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def _path(self, vm: str) -> str:
+        # quote(): any VM name becomes one safe file name ("a/b" -> "a%2Fb", ".." -> "..").
+        name = quote(vm, safe="")
+        if name in (".", ".."):
+            name = name.replace(".", "%2E")
+        return os.path.join(self.directory, name + _SUFFIX)
+
+    def load_tick(self) -> int:
+        """The last tick a previous run reached (0 if none)."""
+        data = self._read(os.path.join(self.directory, _DAEMON_FILE))
+        tick = data.get("tick") if data else None
+        return tick if isinstance(tick, int) and not isinstance(tick, bool) and tick >= 0 else 0
+
+    def save_tick(self, tick: int) -> None:
+        """Remember the tick counter."""
+        self._write(os.path.join(self.directory, _DAEMON_FILE), {"tick": tick})
+
+    def load(self, vm: str) -> VmMemory:
+        """What was remembered about ``vm``; an empty memory if nothing (usable) was."""
+        data = self._read(self._path(vm))
+        if data is None:
+            return VmMemory()
+        values: dict[str, Any] = {}
+        for name in _FIELDS:
+            if name not in data:
+                continue
+            value = data[name]
+            ok = (
+                isinstance(value, bool)
+                if name in ("shrink", "reached")
+                else (value is None and name == "target")
+                or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+            )
+            if not ok:
+                log.warning("state of %s: ignoring %s=%r", vm, name, value)
+                return VmMemory()
+            values[name] = value
+        memory = VmMemory(**values)
+        self._written[vm] = memory
+        return memory
+
+    def save(self, vm: str, memory: VmMemory) -> None:
+        """Write ``vm``'s memory if it changed since it was last written or read."""
+        if self._written.get(vm) == memory:
+            return
+        if self._write(self._path(vm), {"vm": vm, **asdict(memory)}):
+            self._written[vm] = memory
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring state file %s: %s", path, exc)
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write(self, path: str, data: dict[str, Any]) -> bool:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            if not self._broken:  # one line, not one per VM per tick
+                log.warning("cannot write state to %s: %s", self.directory, exc.strerror or exc)
+                self._broken = True
+            return False
+        self._broken = False
+        return True
