@@ -10,7 +10,8 @@ BIN    := $(VENV)/bin
 # Debian packages the tests need, each checked by the command or file that proves it present:
 # the real-QEMU tests boot a guest built from Debian's kernel and busybox-static packages
 # (apt-get download, no root needed for that), the libvirt tests start their own libvirtd,
-# and libvirt-python compiles against libvirt-dev.
+# libvirt-python compiles against libvirt-dev, and the systemd unit is checked with
+# systemd-analyze (verify, security --offline).
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -24,6 +25,7 @@ system-deps:
 	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
 	pkg-config --exists libvirt 2>/dev/null || missing="$$missing libvirt-dev"; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	[ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
 	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \

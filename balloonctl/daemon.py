@@ -134,14 +134,14 @@ class Member:
 
 def members(config: Config, domains: Iterable[str]) -> list[Member]:
     """The VMs ``config`` manages: its ``[[vm]]``s, then the libvirt ``domains`` that pass
-    the include/exclude globs (a domain named like a ``[[vm]]`` is left to the ``[[vm]]``)."""
+    the include/exclude globs (a domain named like a ``[[vm]]`` is left to the ``[[vm]]``:
+    names key the state files and the log, so they must be unique)."""
     out = [Member(vm.name, vm.min, vm.shares, vm.qmp) for vm in config.vms]
     names = {m.name for m in out}
     lv = config.libvirt
     if lv is not None:
         for domain in sorted(domains):
             if domain in names:
-                log.warning("libvirt domain %s has the name of a [[vm]]; only the [[vm]]", domain)
                 continue
             if not any(fnmatch.fnmatchcase(domain, g) for g in lv.include):
                 continue
@@ -185,7 +185,8 @@ class Link:
         self.deflate_on_oom = False
         self.actual: int | None = None
         self.stats: GuestStats | None = None
-        self.polling = False
+        #: Whether the guest's stats are polled (None: not known yet).
+        self.polling: bool | None = None
         #: Resync on ticks where (tick + offset) % RESYNC_TICKS == 0: the resyncs of many
         #: VMs spread over the ticks instead of all landing on one.
         self.resync_offset = zlib.crc32(member.name.encode()) % RESYNC_TICKS
@@ -236,6 +237,7 @@ class Link:
                 self._watch(backend)  # listening before the size is read: no change missed
             if self.resync_due or (tick + self.resync_offset) % RESYNC_TICKS == 0:
                 await self._resync(backend)
+                await self._ensure_polling(backend, config, dry_run=dry_run)
             self.stats = await backend.stats() if self.polling else None
         except BalloonError as exc:
             await self._down(str(exc))
@@ -252,16 +254,21 @@ class Link:
         backend = factory(self.member, config)
         self.backend = backend
         await backend.__aenter__()
+        self.up = True
+
+    async def _ensure_polling(self, backend: Backend, config: Config, *, dry_run: bool) -> None:
+        """Stats polling at the tick's pace: on connect, and on every resync, since a VM
+        restarted behind the same socket (or someone with ``balloonctl stats``) may have
+        turned it off."""
         period = max(1, math.ceil(config.daemon.interval))
         current = await backend.stats_period()
         # Faster than the tick is fine (someone else wants it); slower or off is not.
         if not dry_run and (current == 0 or current > period):
             await backend.set_stats_period(period)
             current = period
-        self.polling = current > 0
-        if dry_run and not self.polling:
+        if dry_run and current == 0 and self.polling is not False:
             log.info("%s: stats polling is off; --dry-run does not turn it on", self.name)
-        self.up = True
+        self.polling = current > 0
 
     async def _resync(self, backend: Backend) -> None:
         self.maximum = await backend.max_memory()
@@ -316,8 +323,8 @@ class Link:
         try:
             await backend.set_target(decision.target)
         except BalloonError as exc:
-            log.warning("%s: setting %s failed: %s", self.name, format_size(decision.target), exc)
-            await self._down(str(exc))
+            # One line: _down logs it (a VM that answered this tick is not down yet).
+            await self._down(f"setting {format_size(decision.target)} failed: {exc}")
             return False
         return True
 
@@ -339,6 +346,10 @@ class TickReport:
     sent: int
     seconds: float
     error: str | None = None
+
+
+#: A hold that continues a move: the move's own line said it all.
+_UNDER_WAY: Final = "hold: on its way"
 
 
 def _reason_kind(reason: str) -> str:
@@ -393,8 +404,7 @@ class Daemon:
 
     async def __aexit__(self, *exc: object) -> None:
         self.notifier.stopping()
-        for link in list(self.links.values()):
-            await self._drop(link)
+        await asyncio.gather(*(self._drop(link) for link in list(self.links.values())))
         if self.metrics is not None:
             self.metrics.close()
         loop = asyncio.get_running_loop()
@@ -535,6 +545,9 @@ class Daemon:
                 log.warning("libvirt %s: cannot list domains: %s", lv.uri, exc)
             else:
                 self.domains = [row.name for row in rows]
+                clash = {vm.name for vm in self.config.vms} & set(self.domains)
+                for name in sorted(clash):
+                    log.warning("libvirt domain %s has a [[vm]]'s name; managing the [[vm]]", name)
         elif lv is None:
             self.domains = []
         wanted = {m.name: m for m in members(self.config, self.domains)}
@@ -578,8 +591,20 @@ class Daemon:
             if settle:
                 budget = self.config.daemon.connect_timeout + self.config.daemon.command_timeout
             await asyncio.wait(tasks, timeout=budget)
-        if settle and any(link.up and link.stats is None and link.polling for link in started):
-            # --once right after polling was turned on: one period for the first reading.
+        stale_after = self.config.policy.stale_after
+        if settle and any(
+            link.up
+            and link.polling
+            and (
+                link.stats is None
+                or link.stats.last_update == 0
+                or time.time() - link.stats.last_update > stale_after
+            )
+            for link in started
+        ):
+            # --once right after polling was turned on (or sped up from a period longer than
+            # stale_after, whose last reading the policy would refuse): one period for a
+            # fresh reading.
             await asyncio.sleep(max(1, math.ceil(self.config.daemon.interval)) + 0.2)
             await self._restats(started)
         return [
@@ -642,7 +667,7 @@ class Daemon:
                 decision.reason,
                 " (dry run)" if self.dry_run else "",
             )
-        elif kind != link.last_reason_kind:
+        elif kind != link.last_reason_kind and not decision.reason.startswith(_UNDER_WAY):
             log.info("%s: at %s: %s", link.name, format_size(decision.current), decision.reason)
         else:
             log.debug("%s: at %s: %s", link.name, format_size(decision.current), decision.reason)

@@ -10,6 +10,7 @@ no memory, which is only more cautious), never fatal.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 _DAEMON_FILE: Final = "daemon.json"
 _SUFFIX: Final = ".vm.json"
 _FIELDS: Final = {f.name: f.type for f in fields(VmMemory)}
+#: Longest file name stem: NAME_MAX is 255 bytes, less the suffix, with room to spare.
+_MAX_STEM: Final = 200
 
 
 def default_dir() -> str:
@@ -55,6 +58,12 @@ class StateStore:
         name = quote(vm, safe="")
         if name in (".", ".."):
             name = name.replace(".", "%2E")
+        if len(name) > _MAX_STEM:
+            # Quoting triples every byte: 40 CJK characters already pass NAME_MAX (255).
+            # Keep a readable head and tell names apart by a digest; "%~" never occurs in
+            # quote()'s output, so a shortened name cannot collide with a quoted one.
+            digest = hashlib.sha256(vm.encode("utf-8", "surrogatepass")).hexdigest()
+            name = name[: _MAX_STEM - len(digest) - 2] + "%~" + digest
         return os.path.join(self.directory, name + _SUFFIX)
 
     def load_tick(self) -> int:
