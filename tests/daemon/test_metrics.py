@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from balloonctl.config import Config, DaemonConfig, HostConfig, VmConfig
-from balloonctl.daemon import Daemon
+from balloonctl.daemon import Daemon, TickReport
 from balloonctl.errors import UsageError
 from balloonctl.sdnotify import Notifier
 
@@ -76,14 +76,18 @@ def test_metrics_endpoint_reports_the_tick(tmp_path: Path, sim_socket: str) -> N
     port = _free_port()
     config = _config(tmp_path, sim_socket, port)
 
-    async def scenario() -> dict[str, float]:
+    async def scenario() -> tuple[TickReport, dict[str, float]]:
         async with Daemon(config, state_dir=str(tmp_path / "st"), notifier=Notifier(None)) as d:
             report = await d.tick(settle=True)
             assert report.answered == 1
-            return await asyncio.to_thread(_scrape, port)
+            return report, await asyncio.to_thread(_scrape, port)
 
-    values = asyncio.run(scenario())
-    assert values['balloonctl_vm_actual_bytes{vm="vm"}'] == GIB
+    report, values = asyncio.run(scenario())
+    assert report.plan is not None
+    (decision,) = report.plan.decisions
+    # The size the tick decided on (settle=True waited a stats period, during which the
+    # guest's own workload may have moved it a little).
+    assert values['balloonctl_vm_actual_bytes{vm="vm"}'] == decision.current
     assert values['balloonctl_vm_maximum_bytes{vm="vm"}'] == GIB
     assert values['balloonctl_vm_floor_bytes{vm="vm"}'] == 512 << 20
     assert 0 < values['balloonctl_vm_available_bytes{vm="vm"}'] <= GIB
@@ -94,7 +98,7 @@ def test_metrics_endpoint_reports_the_tick(tmp_path: Path, sim_socket: str) -> N
     assert values["balloonctl_tick_seconds_count"] == 1
     # Under pressure with an idle guest, the tick shrank it: one "give" counted.
     assert values['balloonctl_decisions_total{action="give"}'] == 1
-    assert values['balloonctl_vm_target_bytes{vm="vm"}'] < GIB
+    assert values['balloonctl_vm_target_bytes{vm="vm"}'] == decision.target < decision.current
     # Only this process's own registry: no Python/GC collectors mixed in.
     assert not any(name.startswith(("python_", "process_")) for name in values)
 
