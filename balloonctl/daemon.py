@@ -71,7 +71,8 @@ def parse_meminfo(text: str) -> tuple[int, int]:
         key, sep, rest = line.partition(":")
         if sep and key in ("MemTotal", "MemAvailable"):
             number = rest.split()
-            if not number or not number[0].isdigit():
+            # isdigit() alone takes "²" (int() then raises ValueError) and "٣" (int() reads 3).
+            if not number or not (number[0].isascii() and number[0].isdigit()):
                 raise HostReadError(f"meminfo: {key} is not a number: {rest.strip()!r}")
             values[key] = int(number[0]) * 1024
     for key in ("MemTotal", "MemAvailable"):
@@ -510,9 +511,7 @@ class Daemon:
         if self.store is not None:
             self.store.save_tick(tick)
         if self.metrics is not None:
-            self.metrics.observe(
-                host, plan, [link.state(now_wall) for link in answered], len(self.links)
-            )
+            self.metrics.observe(host, plan, states, len(self.links))
         return self._report(tick, plan, host, answered, sent, started, None)
 
     def _report(

@@ -76,7 +76,7 @@ class Metrics:
     def observe(
         self, host: HostState | None, plan: Plan | None, vms: Iterable[VmState], managed: int
     ) -> None:
-        """One tick's numbers."""
+        """One tick's numbers: the VMs as the tick found them, the targets it decided."""
         seen: set[str] = set()
         for vm in vms:
             seen.add(vm.name)
@@ -85,8 +85,6 @@ class Metrics:
             self.maximum.labels(vm.name).set(vm.maximum)
             if vm.stats is not None and "available-memory" in vm.stats:
                 self.available.labels(vm.name).set(vm.stats["available-memory"])
-            if vm.memory.target is not None:
-                self.target.labels(vm.name).set(vm.memory.target)
         for gone in self._vms - seen:
             for gauge in (self.actual, self.floor, self.maximum, self.available, self.target):
                 _remove(gauge, gone)
@@ -97,6 +95,9 @@ class Metrics:
             self.host_total.set(host.total)
             self.host_available.set(host.available)
         if plan is not None:
+            for decision in plan.decisions:
+                if decision.memory.target is not None:
+                    self.target.labels(decision.vm).set(decision.memory.target)
             for mode in ("critical", "pressure", "balanced", "calm"):
                 self.host_mode.labels(mode).set(1 if plan.mode.value == mode else 0)
 

@@ -40,6 +40,7 @@ What it does, and what it learned from the anchors:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -154,7 +155,7 @@ class _Vm:
     why: str = ""
 
 
-def _stats_problem(vm: VmState, knobs: PolicyConfig) -> str | None:
+def _stats_problem(vm: VmState, knobs: PolicyConfig, slack: int) -> str | None:
     """Why the statistics cannot be used, or None. Garbage of every kind holds the VM."""
     stats = vm.stats
     if stats is None or not stats:
@@ -169,6 +170,14 @@ def _stats_problem(vm: VmState, knobs: PolicyConfig) -> str | None:
     total = stats.get("total-memory")
     if total is not None and not available <= total <= vm.maximum:
         return f"statistics say total-memory {total} with available-memory {available}"
+    if available > vm.actual + slack:
+        # A fresh reading cannot have more available than the guest has (ballooned pages
+        # are neither free nor cache): this one was taken before the VM shrank, and would
+        # make its used memory look like nothing.
+        return (
+            f"statistics predate the last resize (available-memory {format_size(available)} "
+            f"> size {format_size(vm.actual)})"
+        )
     return None
 
 
@@ -208,6 +217,11 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
         return _hold(work, "hold: migrating")
     mem = work.memory
     pending = mem.target
+    if pending is not None and pending < work.floor:
+        # Set before the floor was raised: forget it, so that no hold or back-off keeps (or
+        # sends) a target below the floor; the floor check below decides.
+        work.memory = mem = replace(mem, target=None)
+        pending = None
     if pending is not None:
         off = vm.actual - pending
         if abs(off) <= work.deadband:
@@ -232,7 +246,8 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
             )
         else:
             work.memory = mem = replace(mem, target=None)  # a growth that did not happen
-    if vm.actual < work.floor:
+    if vm.actual < work.floor and not (mem.target == work.floor and mem.reached):
+        # (Once raised to within the deadband of its floor, it is not raised every tick.)
         return Decision(
             vm.name,
             vm.actual,
@@ -241,7 +256,7 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
             f"raise to its floor {format_size(work.floor)}",
             replace(mem, target=work.floor, set_tick=tick, shrink=False, reached=False),
         )
-    problem = _stats_problem(vm, knobs)
+    problem = _stats_problem(vm, knobs, work.deadband)
     if problem is not None:
         return _hold(work, f"hold: {problem}")
     return None
@@ -296,7 +311,10 @@ def _assess(work: _Vm, knobs: PolicyConfig, mode: HostMode) -> None:
     if mode is HostMode.CRITICAL:
         headroom /= 2
     headroom = min(headroom, 90.0)
-    need = int(used / (1.0 - headroom / 100.0))
+    # Rounded up: truncated, a guest shrunk to its need keeps a hair less than its headroom,
+    # and in critical mode (headroom halved to guest_low by default) that is under its own
+    # pressure, so it grows straight back once the host leaves critical.
+    need = math.ceil(used / (1.0 - headroom / 100.0))
     work.need = min(max(need, work.floor), vm.maximum)
     work.pressured = work.available < vm.actual * knobs.guest_low / 100.0
 
@@ -349,7 +367,7 @@ def _givers_share(givers: Sequence[_Vm], release: int, knobs: PolicyConfig) -> l
     left = release
     for tier in tiers:
         surplus = [givers[i].state.actual - givers[i].need for i in tier]
-        weights = [s / givers[i].state.shares for s, i in zip(surplus, tier, strict=True)]
+        weights = [s / max(givers[i].state.shares, 1) for s, i in zip(surplus, tier, strict=True)]
         planned = _share_out(left, surplus, weights)
         left -= sum(planned)
         for i, part in zip(tier, planned, strict=True):
@@ -399,7 +417,7 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
     funds = released + int(max(0.0, host.available - low_line))
     if mode is HostMode.CRITICAL:
         funds = released + int(max(0.0, host.available - host.total * knobs.host_critical / 100))
-    grants = _share_out(min(funds, want_total), wants, [w.state.shares for w in hungry])
+    grants = _share_out(min(funds, want_total), wants, [max(w.state.shares, 1) for w in hungry])
     spent = 0
     for work, grant in zip(hungry, grants, strict=True):
         if grant > work.deadband or grant == work.need - work.state.actual > 0:
@@ -418,7 +436,7 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
             w for w in live if w.delta == 0 and w.state.actual < w.state.maximum and not w.pressured
         ]
         room = [min(w.state.maximum - w.state.actual, w.cap) for w in growers]
-        gifts = _share_out(max(budget, 0), room, [w.state.shares for w in growers])
+        gifts = _share_out(max(budget, 0), room, [max(w.state.shares, 1) for w in growers])
         for work, gift in zip(growers, gifts, strict=True):
             if gift > work.deadband or (
                 gift > 0 and gift == work.state.maximum - work.state.actual
@@ -448,9 +466,9 @@ def _finish(work: _Vm, mode: HostMode, host_reason: str, tick: int) -> Decision:
         if vm.actual + work.delta >= vm.maximum:
             target = vm.maximum
     target = min(max(target, work.floor), vm.maximum)
-    if target == vm.actual or (
-        mode is not HostMode.CALM and work.delta < 0 and target >= vm.actual
-    ):
+    # Rounding to whole MiB from an actual that is not can turn a small move into none or
+    # into the other direction (a "grow" that shrinks); in any mode that is a hold.
+    if target == vm.actual or (target < vm.actual) != (work.delta < 0):
         return _hold(work, f"hold: {host_reason}")
     return Decision(
         vm.name,

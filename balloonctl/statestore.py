@@ -116,7 +116,10 @@ class StateStore:
         except (OSError, ValueError) as exc:
             log.warning("ignoring state file %s: %s", path, exc)
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            log.warning("ignoring state file %s: not a JSON object", path)
+            return None
+        return data
 
     def _write(self, path: str, data: dict[str, Any]) -> bool:
         try:
