@@ -83,6 +83,13 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/balloonctl bench decode
 
+# The auto-balloon daemon against BENCH_VMS simulated VMs (one sim process): tick latency and
+# the daemon's CPU (goal: 1000 VMs, tick < 1 s, daemon < 20% of one core).
+BENCH_VMS ?= 1000
+.PHONY: bench-daemon
+bench-daemon: $(VENV)/.installed
+	$(BIN)/balloonctl bench daemon --vms $(BENCH_VMS)
+
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
 

@@ -188,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the guest's programs do with memory (default idle; see README)",
     )
     sim.add_argument(
+        "--workloads",
+        type=_workloads,
+        default=(),
+        metavar="A,B,...",
+        help="with --qmp-dir: workloads cycled over the VMs (vm0 runs A, vm1 B, ...); "
+        "overrides --workload",
+    )
+    sim.add_argument(
         "--rate", default="1G", type=_size, help="inflate/deflate speed per second (default 1G)"
     )
     sim.add_argument(
@@ -205,13 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=_cmd_sim)
 
-    demo = commands.add_parser("demo", help="a scripted tour on two simulated VMs (about a minute)")
+    demo = commands.add_parser(
+        "demo",
+        help="a scripted tour on simulated VMs, then the auto-balloon daemon (about a minute)",
+    )
     demo.add_argument(
         "--duration",
         type=_seconds,
         default=15.0,
         metavar="S",
         help="seconds of live stats in the tour (default 15)",
+    )
+    demo.add_argument(
+        "--daemon-ticks",
+        type=_count,
+        default=24,
+        metavar="N",
+        help="ticks (1 s each) of the auto-balloon daemon part, after it connects; 0 skips "
+        "it (default 24)",
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -289,6 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="the raw client's pause between polls (default 0.02, balloonctl's own)",
     )
     real.set_defaults(func=_cmd_bench_real)
+
+    bench_daemon = bench_cmds.add_parser(
+        "daemon",
+        help="the auto-balloon daemon's tick latency and CPU with N simulated VMs",
+        description="Start one `balloonctl sim` process serving --vms VMs (mixed workloads), "
+        "run the daemon in this process against them for --ticks ticks (after a warm-up "
+        "that connects), the fake host under pressure for the first half and calm for the "
+        "second; report tick latency, the daemon's CPU per tick as a % of one core, VMs "
+        "answering and targets sent. Goal: 1000 VMs, tick < 1 s, daemon < 20% of one core.",
+    )
+    bench_daemon.add_argument("--vms", type=_count, default=100, help="VMs (default 100)")
+    bench_daemon.add_argument(
+        "--ticks", type=_count, default=30, help="measured ticks after the warm-up (default 30)"
+    )
+    bench_daemon.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds per tick (default 1)"
+    )
+    bench_daemon.add_argument(
+        "--memory", default="256M", type=_size, help="each simulated VM's RAM (default 256M)"
+    )
+    bench_daemon.set_defaults(func=_cmd_bench_daemon)
 
     from balloonctl import fuzzcmd  # noqa: PLC0415 (argparse only: the work loads on use)
 
@@ -519,6 +559,19 @@ def _cmd_vring_dump(args: argparse.Namespace) -> int:
     return EXIT_FINDING if finding else EXIT_OK
 
 
+def _workloads(text: str) -> tuple[str, ...]:
+    """``--workloads idle,steady,...``: known workload names, at least one."""
+    from balloonctl.sim.workloads import WORKLOADS  # noqa: PLC0415
+
+    names = tuple(name.strip() for name in text.split(","))
+    for name in names:
+        if name not in WORKLOADS:
+            raise argparse.ArgumentTypeError(
+                f"unknown workload {name!r} (known: {', '.join(WORKLOADS)})"
+            )
+    return names
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     """Serve simulated VMs until SIGTERM or quit."""
     import asyncio  # noqa: PLC0415
@@ -544,7 +597,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         rate=args.rate,
         hotplug=args.hotplug,
     )
-    vms = layout(base, args.qmp, args.count, args.qmp_dir)
+    vms = layout(base, args.qmp, args.count, args.qmp_dir, args.workloads)
     try:
         return asyncio.run(serve(vms))
     except MemoryError as exc:
@@ -558,7 +611,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from balloonctl import demo  # noqa: PLC0415
 
-    return demo.run(args.duration)
+    return demo.run(args.duration, daemon_ticks=args.daemon_ticks)
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
@@ -620,6 +673,16 @@ def _cmd_bench_real(args: argparse.Namespace) -> int:
         size=args.size,
         rounds=args.rounds,
         raw_poll=args.raw_poll,
+    )
+    return _emit(args, run(config), format_report)
+
+
+def _cmd_bench_daemon(args: argparse.Namespace) -> int:
+    """The daemon against N simulated VMs: tick latency and CPU."""
+    from balloonctl.bench.daemon import DaemonBenchConfig, format_report, run  # noqa: PLC0415
+
+    config = DaemonBenchConfig(
+        vms=args.vms, ticks=args.ticks, interval=args.interval, memory=args.memory
     )
     return _emit(args, run(config), format_report)
 

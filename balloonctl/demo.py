@@ -1,9 +1,20 @@
 """``balloonctl demo``: a scripted tour on simulated VMs, as a user would type it.
 
-Two seed-sg VMs are started as ``balloonctl sim`` processes (a steady server and a spiky
-batch job, 2 GiB each), and the demo runs the CLI's own code against their QMP sockets:
-list, features (SG acked), set --wait both ways with progress, status, stats under the
-workload, and a live renegotiation that turns SG off and on again. It ends by itself.
+Three seed-sg VMs are started as ``balloonctl sim`` processes, 2 GiB each, each running its
+own workload: ``web`` (steady, a loaded server), ``batch`` (spiky, a batch job) and ``idle``.
+The tour runs the CLI's own code against their QMP sockets: list, features (SG acked),
+set --wait both ways with progress, status, stats under the workload, and a live
+renegotiation that turns SG off and on again.
+
+Then the auto-balloon daemon takes over: a fourth VM, ``leak`` (a program leaking memory),
+boots, and the daemon's own code (:class:`balloonctl.daemon.Daemon`, one ``tick()`` a
+second, in this process) manages all four against a simulated host, a fake /proc/meminfo
+of a 12 GiB machine whose MemAvailable follows the guests' sizes. A job on the host puts
+it under pressure, so guests with memory to spare (the idle one first) give it back; the
+job ends, the host is calm and they grow back; a guest under its own pressure (leak, and
+batch in its spikes) gets memory whatever the host's mode. Every target the daemon sets
+is printed as it happens, with a line per tick (host mode, each VM's size). It ends by
+itself.
 """
 
 from __future__ import annotations
@@ -15,14 +26,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Final, TextIO
 
 from balloonctl import vmcmds
 from balloonctl.config import Config
+from balloonctl.config import load as load_config
 from balloonctl.errors import BalloonError, OperationTimeout
 from balloonctl.units import format_size
 
 GiB = 1 << 30
+
+#: The tour's VMs and their ``balloonctl sim`` options; the daemon part boots ``leak`` too.
+TOUR_VMS: Final = {
+    "web": ["--workload", "steady"],
+    "batch": ["--workload", "spiky", "--time-scale", "2"],
+    "idle": ["--workload", "idle"],
+}
+#: Its anon memory grows by 5 % of RAM a second (the workload's 1 %, five times as fast):
+#: short of memory about a dozen seconds into the daemon part.
+LEAK_VM: Final = {"leak": ["--workload", "leak", "--time-scale", "5"]}
+#: The simulated host: MemTotal, and its MemAvailable (% of MemTotal) when the daemon
+#: starts, under the job's pressure, and when the job has ended (all guests at full size).
+HOST_TOTAL: Final = 12 * GiB
+HOST_START_PERCENT: Final = 25
+HOST_PRESSURE_PERCENT: Final = 10
+#: Ticks (one a second) of the daemon part, after it has connected: half with the host
+#: under pressure, half calm.
+DAEMON_TICKS: Final = 24
+#: Most ticks spent connecting (until every VM answered with statistics).
+MAX_WARMUP_TICKS: Final = 8
 
 
 class Demo:
@@ -91,7 +124,10 @@ async def wait_ready(path: str, timeout: float = 30.0) -> None:
 async def tour(demo: Demo, duration: float) -> None:
     """The scripted scenario."""
     web, batch = demo.sock("web"), demo.sock("batch")
-    demo.say("Two simulated VMs (seed-sg profile, 2 GiB each) are serving QMP in $DIR.")
+    demo.say(
+        "Three simulated VMs (seed-sg profile, 2 GiB each; workloads: web steady, batch "
+        "spiky, idle idle) are serving QMP in $DIR."
+    )
     demo.command("list --qmp-dir $DIR")
     demo.show(vmcmds.render_list(await vmcmds.list_vms(Config(None), demo.dir)))
 
@@ -157,22 +193,175 @@ async def _watch(demo: Demo, vm: str, duration: float) -> None:
     await stream.aclose()
 
 
-def run(duration: float, out: TextIO = sys.stdout) -> int:
-    """Start the VMs, run the tour, stop the VMs; 0 when every step worked."""
-    with tempfile.TemporaryDirectory(prefix="balloonctl-demo-") as qmp_dir:
-        procs = start_vms(
-            qmp_dir,
-            {
-                "web": ["--workload", "steady"],
-                "batch": ["--workload", "spiky", "--time-scale", "2"],
-            },
+def _gib(size: int | None) -> str:
+    return "    -   " if size is None else f"{size / GiB:5.2f} GiB"
+
+
+class Autoballoon:
+    """The daemon part: a simulated host around an in-process :class:`Daemon`."""
+
+    def __init__(self, demo: Demo, names: Sequence[str], config_path: str) -> None:
+        from balloonctl.daemon import Daemon  # noqa: PLC0415
+        from balloonctl.sdnotify import Notifier  # noqa: PLC0415
+
+        self.demo = demo
+        self.names = list(names)
+        config = load_config(config_path)
+        self.meminfo = config.host.meminfo
+        self.daemon = Daemon(config, notifier=Notifier(None))
+        #: What the host's own programs use (bytes): set per phase.
+        self.host_use = 0
+        #: Each VM's size at every tick, as the daemon knew it.
+        self.history: dict[str, list[int]] = {name: [] for name in self.names}
+
+    def sizes(self) -> dict[str, int | None]:
+        """Each VM's size as the daemon knows it (None before it connected)."""
+        out: dict[str, int | None] = {}
+        for name in self.names:
+            link = self.daemon.links.get(name)
+            out[name] = None if link is None else link.actual
+        return out
+
+    def guests(self) -> int:
+        """What the guests hold: their sizes, their full RAM until the daemon knows better."""
+        return sum(2 * GiB if size is None else size for size in self.sizes().values())
+
+    def host_available(self) -> int:
+        """MemTotal less the host's own use less what the guests hold."""
+        return max(0, HOST_TOTAL - self.host_use - self.guests())
+
+    def use_leaving(self, percent: int) -> int:
+        """The host's own use that leaves ``percent`` of MemTotal available now."""
+        return max(0, HOST_TOTAL * (100 - percent) // 100 - self.guests())
+
+    def ready(self, since: float) -> bool:
+        """Every VM connected, with a statistics reading taken after ``since`` (wall clock:
+        a reading from before, e.g. from when web's balloon was replugged, is out of date)."""
+        links = self.daemon.links
+        return len(links) == len(self.names) and all(
+            link.up and link.stats is not None and link.stats.last_update >= since
+            for link in links.values()
         )
+
+    async def tick(self) -> None:
+        """Write the host's meminfo, tick the daemon, print what it did."""
+        from balloonctl.bench.daemon import write_meminfo  # noqa: PLC0415
+
+        write_meminfo(self.meminfo, HOST_TOTAL, self.host_available())
+        report = await self.daemon.tick()
+        plan = report.plan
+        mode = "-" if plan is None else plan.mode.value
+        host = report.host
+        avail = (
+            "host ?"
+            if host is None
+            else f"host {_gib(host.available)} avail ({100 * host.available / host.total:4.1f}%)"
+        )
+        sizes = self.sizes()
+        vms = "  ".join(f"{name} {_gib(size)}" for name, size in sizes.items())
+        self.demo.show(f"tick {report.tick:>2} {mode:<9} {avail}   {vms}\n")
+        for name, size in sizes.items():
+            if size is not None:
+                self.history[name].append(size)
+        for decision in () if plan is None else plan.decisions:
+            if decision.send:
+                self.demo.show(
+                    f"    {decision.vm}: {format_size(decision.current)} -> "
+                    f"{format_size(decision.target)}: {decision.reason}\n"
+                )
+
+    async def run(self, ticks: int) -> None:
+        """Connect, then ``ticks`` ticks: half under pressure, half calm."""
+        demo = self.demo
+        async with self.daemon:
+            # QEMU's last-update is in whole seconds: a reading from the next one on.
+            start, since = time.monotonic(), int(time.time()) + 1
+            done = 0
+
+            async def one() -> None:
+                nonlocal done
+                await self.tick()
+                done += 1
+                await asyncio.sleep(max(0.0, start + done - time.monotonic()))
+
+            for _ in range(MAX_WARMUP_TICKS):
+                # Balanced while it connects, whatever the guests' sizes: nothing to do yet.
+                self.host_use = self.use_leaving(HOST_START_PERCENT)
+                await one()
+                if self.ready(since):
+                    break
+            pressure = (ticks + 1) // 2
+            job = self.use_leaving(HOST_PRESSURE_PERCENT) - self.host_use
+            demo.say(
+                f"A job on the host starts and takes {format_size(job)}: host MemAvailable "
+                f"falls to {HOST_PRESSURE_PERCENT}% of {format_size(HOST_TOTAL)}, under the 20% "
+                "pressure line. Guests with memory to spare give it back (idle ones first, a step "
+                "of at most 5% of a VM a tick) until the host is out of pressure; a guest "
+                "short of memory itself still gets some."
+            )
+            self.host_use += job
+            for _ in range(pressure):
+                await one()
+            demo.say(
+                "The host's job ends: the host is calm (more than 30% available), and the "
+                "guests grow back toward their 2 GiB out of what lies above 30%."
+            )
+            self.host_use = 0
+            for _ in range(ticks - pressure):
+                await one()
+        self.summary()
+
+    def summary(self) -> None:
+        """Where each VM started, its smallest and largest size, where it ended."""
+        self.demo.say("What moved (sizes as the daemon saw them, tick by tick):")
+        for name, seen in self.history.items():
+            if not seen:
+                self.demo.show(f"{name:<6} never answered\n")
+                continue
+            self.demo.show(
+                f"{name:<6} started {_gib(seen[0])}, smallest {_gib(min(seen))}, "
+                f"largest {_gib(max(seen))}, ended {_gib(seen[-1])}\n"
+            )
+
+
+async def autoballoon(demo: Demo, names: Sequence[str], ticks: int) -> None:
+    """The daemon part of the tour."""
+    from balloonctl.bench.daemon import config_text  # noqa: PLC0415
+
+    path = os.path.join(demo.dir, "autoballoon.toml")
+    text = config_text([(name, demo.sock(name)) for name in names], interval=1.0, tmp=demo.dir)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    demo.say(
+        "The auto-balloon daemon takes over (`balloonctl daemon`: read the host's and each "
+        "guest's memory, decide, set targets; one tick a second). A fourth VM, leak, has "
+        "just booted: a program in it leaks 5% of its RAM a second. The host is simulated "
+        f"too: {format_size(HOST_TOTAL)}, its /proc/meminfo a file the demo writes; "
+        f"{HOST_START_PERCENT}% of it is available now (no pressure, nothing to do)."
+    )
+    demo.out.write("$ cat $DIR/autoballoon.toml\n")
+    demo.show(text.replace(demo.dir, "$DIR"))
+    demo.command("daemon --config $DIR/autoballoon.toml")
+    await Autoballoon(demo, names, path).run(ticks)
+
+
+def run(duration: float, out: TextIO = sys.stdout, *, daemon_ticks: int = DAEMON_TICKS) -> int:
+    """Start the VMs, run the tour and the daemon part, stop the VMs; 0 when every step
+    worked."""
+    with tempfile.TemporaryDirectory(prefix="balloonctl-demo-") as qmp_dir:
+        procs = start_vms(qmp_dir, TOUR_VMS)
         try:
 
             async def main() -> None:
-                for name in ("web", "batch"):
+                for name in TOUR_VMS:
                     await wait_ready(os.path.join(qmp_dir, f"{name}.sock"))
-                await tour(Demo(qmp_dir, out), duration)
+                demo = Demo(qmp_dir, out)
+                await tour(demo, duration)
+                if daemon_ticks > 0:
+                    procs.extend(start_vms(qmp_dir, LEAK_VM))
+                    for name in LEAK_VM:
+                        await wait_ready(os.path.join(qmp_dir, f"{name}.sock"))
+                    await autoballoon(demo, [*TOUR_VMS, *LEAK_VM], daemon_ticks)
 
             asyncio.run(main())
         finally:
@@ -184,5 +373,5 @@ def run(duration: float, out: TextIO = sys.stdout) -> int:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    out.write("\n# Done: both simulated VMs stopped.\n")
+    out.write(f"\n# Done: all {len(procs)} simulated VMs stopped.\n")
     return 0

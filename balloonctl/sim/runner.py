@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from balloonctl.sim.machine import SimMachine, VmSpec
 
@@ -24,17 +24,33 @@ class Served:
     qmp_path: str
 
 
-def layout(base: VmSpec, qmp: str | None, count: int, qmp_dir: str | None) -> list[Served]:
-    """One VM on ``qmp``, or ``count`` VMs named vm0.. on ``qmp_dir/vmN.sock``."""
+def layout(
+    base: VmSpec,
+    qmp: str | None,
+    count: int,
+    qmp_dir: str | None,
+    workloads: Sequence[str] = (),
+) -> list[Served]:
+    """One VM on ``qmp``, or ``count`` VMs named vm0.. on ``qmp_dir/vmN.sock``.
+
+    ``workloads`` (if any) are cycled over the VMs: vm0 runs the first, vm1 the second...;
+    without them every VM runs ``base``'s workload.
+    """
     if qmp_dir is None:
         assert qmp is not None
+        if workloads:
+            return [Served(replace(base, guest=replace(base.guest, workload=workloads[0])), qmp)]
         return [Served(base, qmp)]
     return [
         Served(
             VmSpec(
                 name=f"vm{i}",
                 profile=base.profile,
-                guest=base.guest,
+                guest=(
+                    replace(base.guest, workload=workloads[i % len(workloads)])
+                    if workloads
+                    else base.guest
+                ),
                 rate=base.rate,
                 hotplug=base.hotplug,
                 boot_probe_s=base.boot_probe_s,
