@@ -352,6 +352,19 @@ def _share_out(amount: int, limits: Sequence[int], weights: Sequence[float]) -> 
     return parts
 
 
+def _fewest(order: list[int], amount: int, min_move: int) -> list[int]:
+    """The first VMs of ``order`` that ``amount`` should be split over.
+
+    Split over all of them, each part could fall under the deadband, and then nobody moves
+    at all (1000 VMs and 2.5 GiB to free are 2.5 MiB each). Then only the first
+    ``amount // min_move`` (at least one) take part: a few VMs move by a step that counts,
+    and the next tick's order brings in the others.
+    """
+    if not order or min_move <= 0 or amount >= min_move * len(order):
+        return order
+    return order[: max(1, amount // min_move)]
+
+
 def _givers_share(givers: Sequence[_Vm], release: int, knobs: PolicyConfig) -> list[int]:
     """What each giver gives this tick. Idle guests (at least twice the headroom available)
     cover ``release`` first, split by surplus over shares; the others only give what the idle
@@ -365,10 +378,15 @@ def _givers_share(givers: Sequence[_Vm], release: int, knobs: PolicyConfig) -> l
     )
     takes = [0] * len(givers)
     left = release
-    for tier in tiers:
+    for everyone in tiers:
+
+        def weight(i: int) -> float:
+            return (givers[i].state.actual - givers[i].need) / max(givers[i].state.shares, 1)
+
+        order = sorted(everyone, key=weight, reverse=True)
+        tier = _fewest(order, left, 2 * max((givers[i].deadband for i in order), default=0))
         surplus = [givers[i].state.actual - givers[i].need for i in tier]
-        weights = [s / max(givers[i].state.shares, 1) for s, i in zip(surplus, tier, strict=True)]
-        planned = _share_out(left, surplus, weights)
+        planned = _share_out(left, surplus, [weight(i) for i in tier])
         left -= sum(planned)
         for i, part in zip(tier, planned, strict=True):
             takes[i] = min(part, givers[i].cap)
@@ -435,6 +453,14 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
         growers = [
             w for w in live if w.delta == 0 and w.state.actual < w.state.maximum and not w.pressured
         ]
+        # The most shrunk grow first when the budget is too small for everyone to move.
+        growers.sort(key=lambda w: w.state.actual / w.state.maximum)
+        picked = _fewest(
+            list(range(len(growers))),
+            max(budget, 0),
+            2 * max((w.deadband for w in growers), default=0),
+        )
+        growers = [growers[i] for i in picked]
         room = [min(w.state.maximum - w.state.actual, w.cap) for w in growers]
         gifts = _share_out(max(budget, 0), room, [max(w.state.shares, 1) for w in growers])
         for work, gift in zip(growers, gifts, strict=True):

@@ -795,3 +795,34 @@ def test_zero_shares_do_not_crash_the_policy() -> None:
     """The config never makes shares 0, but VmState can hold it: weighted as 1."""
     plan = decide(host(10), [idle("a", shares=0), idle("b", shares=1)], KNOBS, 1)
     assert all(d.send and d.reason.startswith("give:") for d in plan.decisions)
+
+
+def test_a_release_spread_over_many_vms_still_moves_some_of_them() -> None:
+    """2.5 GiB to free over 1000 idle 256 MiB guests is 2.5 MiB each, under every guest's
+    deadband: split evenly, nobody would move. The idle-est guests give a real step instead."""
+    small = [
+        guest(f"vm{i}", 60.0 + (i % 7), actual=256 * MiB, maximum=256 * MiB) for i in range(1000)
+    ]
+    total = HOST_TOTAL
+    host_state = HostState(total, int(total * 0.25) - (2560 * MiB))  # 2.5 GiB below the midpoint
+    plan = decide(host_state, small, KNOBS, 1)
+    givers = [d for d in plan.decisions if d.send]
+    assert givers and all(d.reason.startswith("give:") for d in givers)
+    assert all(d.current - d.target > 6 * MiB for d in givers)  # real steps, not crumbs
+    # The idle-est give first: every giver is at least as idle as every holder.
+    idleness = {vm.name: vm.stats["available-memory"] for vm in small if vm.stats}
+    held = [d for d in plan.decisions if not d.send]
+    assert min(idleness[d.vm] for d in givers) >= max(idleness[d.vm] for d in held)
+
+
+def test_a_calm_budget_spread_over_many_vms_grows_the_most_shrunk_first() -> None:
+    vms = [
+        guest(f"vm{i}", 60.0, actual=(128 + i % 64) * MiB, maximum=256 * MiB) for i in range(1000)
+    ]
+    total = HOST_TOTAL
+    plan = decide(HostState(total, int(total * 0.30) + 200 * MiB), vms, KNOBS, 1)
+    grown = [d for d in plan.decisions if d.send]
+    assert grown and all(d.reason.startswith("grow back:") for d in grown)
+    assert sum(d.target - d.current for d in grown) <= 200 * MiB
+    held = [d for d in plan.decisions if not d.send]
+    assert max(d.current for d in grown) <= min(d.current for d in held)
