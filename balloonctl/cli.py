@@ -328,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_daemon.add_argument(
         "--memory", default="256M", type=_size, help="each simulated VM's RAM (default 256M)"
     )
+    bench_daemon.add_argument(
+        "--host",
+        choices=["follow", "static"],
+        default="follow",
+        help="follow: the fake host gains what the guests give (moves stop when it is "
+        "balanced); static: it does not, so every guest moves on every tick (worst case)",
+    )
     bench_daemon.set_defaults(func=_cmd_bench_daemon)
 
     from balloonctl import fuzzcmd  # noqa: PLC0415 (argparse only: the work loads on use)
@@ -682,7 +689,7 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
     from balloonctl.bench.daemon import DaemonBenchConfig, format_report, run  # noqa: PLC0415
 
     config = DaemonBenchConfig(
-        vms=args.vms, ticks=args.ticks, interval=args.interval, memory=args.memory
+        vms=args.vms, ticks=args.ticks, interval=args.interval, memory=args.memory, host=args.host
     )
     return _emit(args, run(config), format_report)
 

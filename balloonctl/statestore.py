@@ -1,9 +1,14 @@
 """The daemon's state directory: what the policy remembers about each VM, across restarts.
 
-A restart must not forget that a guest could not reach its last target (it would be pushed
-again at once) nor which target is in flight. One small JSON file per VM, written only when
-its memory changes, plus ``daemon.json`` with the tick counter (the policy's memory counts
-in ticks). Every write is a new file renamed over the old one, so a crash mid-write leaves
+A restart must not forget that a guest could not reach its last target: it would be pushed
+again at once. So a VM's back-off (its failures and the tick it may shrink again) is kept,
+in one small JSON file per VM written only when the back-off changes, plus ``daemon.json``
+with the tick counter (the policy counts in ticks). The target in flight is not kept: it
+changes on nearly every move (1000 VMs would be hundreds of file writes a tick, measured),
+and after a restart, or after the VM itself restarted behind the same name, an old target
+would only make the policy wait for a move that is not coming.
+
+Every write is a new file renamed over the old one, so a crash mid-write leaves
 the previous state; a file that does not parse is reported and ignored (the VM starts with
 no memory, which is only more cautious), never fatal.
 """
@@ -15,7 +20,6 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, fields
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -25,9 +29,15 @@ log = logging.getLogger(__name__)
 
 _DAEMON_FILE: Final = "daemon.json"
 _SUFFIX: Final = ".vm.json"
-_FIELDS: Final = {f.name: f.type for f in fields(VmMemory)}
+#: The part of VmMemory that is kept (see the module docstring).
+_FIELDS: Final = ("failures", "hold_until")
 #: Longest file name stem: NAME_MAX is 255 bytes, less the suffix, with room to spare.
 _MAX_STEM: Final = 200
+
+
+def _durable(memory: VmMemory) -> VmMemory:
+    """What of ``memory`` is kept across restarts."""
+    return VmMemory(failures=memory.failures, hold_until=memory.hold_until)
 
 
 def default_dir() -> str:
@@ -86,26 +96,22 @@ class StateStore:
             if name not in data:
                 continue
             value = data[name]
-            ok = (
-                isinstance(value, bool)
-                if name in ("shrink", "reached")
-                else (value is None and name == "target")
-                or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
-            )
-            if not ok:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 log.warning("state of %s: ignoring %s=%r", vm, name, value)
                 return VmMemory()
             values[name] = value
         memory = VmMemory(**values)
-        self._written[vm] = memory
+        self._written[vm] = _durable(memory)
         return memory
 
     def save(self, vm: str, memory: VmMemory) -> None:
-        """Write ``vm``'s memory if it changed since it was last written or read."""
-        if self._written.get(vm) == memory:
+        """Write ``vm``'s back-off if it changed since it was last written or read."""
+        durable = _durable(memory)
+        if self._written.get(vm, VmMemory()) == durable:
             return
-        if self._write(self._path(vm), {"vm": vm, **asdict(memory)}):
-            self._written[vm] = memory
+        data = {"vm": vm, "failures": durable.failures, "hold_until": durable.hold_until}
+        if self._write(self._path(vm), data):
+            self._written[vm] = durable
 
     def _read(self, path: str) -> dict[str, Any] | None:
         try:

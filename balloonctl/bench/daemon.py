@@ -71,6 +71,12 @@ class DaemonBenchConfig:
     memory: int = 256 << 20
     #: Seconds to wait for the sim's sockets (1000 VMs take about 10 s on 2 cores).
     start_timeout: float = 120.0
+    #: ``follow``: the host's MemAvailable gains what the guests give and loses what they
+    #: take back, as a real host's does, so moves stop once the host is where the policy
+    #: wants it (the daemon's everyday load: a few ticks of moves, then mostly statistics).
+    #: ``static``: it stays at the phase's value whatever the guests do, so every giver
+    #: gives a step on every tick (the worst case: hundreds of targets a tick).
+    host: str = "follow"
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +248,8 @@ class TickSample:
 
 
 def _validate(config: DaemonBenchConfig) -> None:
+    if config.host not in ("follow", "static"):
+        raise UsageError(f"--host must be follow or static, not {config.host!r}")
     if config.vms < 1:
         raise UsageError("--vms must be at least 1")
     if config.ticks < 2:
@@ -320,7 +328,16 @@ async def _measure(
                 phase = "pressure" if len(measured) < config.ticks // 2 else "calm"
             else:
                 phase = "warmup"
-            write_meminfo(meminfo, total, total * HOST_AVAILABLE_PERCENT[phase] // 100)
+            available = total * HOST_AVAILABLE_PERCENT[phase] // 100
+            if config.host == "follow":
+                # What the guests have given up (their RAM less their size now) is the host's.
+                given = sum(
+                    config.memory - link.actual
+                    for link in d.links.values()
+                    if link.actual is not None
+                )
+                available = min(max(available + given, 0), total)
+            write_meminfo(meminfo, total, available)
             done = await d.tick()
             sample = TickSample(
                 tick=done.tick,
@@ -431,6 +448,7 @@ def report(config: DaemonBenchConfig, sim_start_s: float, run_: _Run) -> dict[st
         "ticks": config.ticks,
         "interval_s": config.interval,
         "memory_bytes": config.memory,
+        "host": config.host,
         "workloads": list(WORKLOADS),
         "cpus": os.cpu_count(),
         # The machine's 1-minute load average at the end: other work competes for the CPUs.
@@ -494,7 +512,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"daemon: {r['vms']} VMs ({format_size(r['memory_bytes'])} each, "
         f"{'/'.join(r['workloads'])}) in one sim process; {r['ticks']} ticks every "
-        f"{r['interval_s']:g} s (half host pressure, half calm); {r['cpus']} CPUs, "
+        f"{r['interval_s']:g} s (half host pressure, half calm; host {r['host']}); "
+        f"{r['cpus']} CPUs, "
         f"load average {r['loadavg_1m']:g}",
         f"sim up in {r['sim_start_s']:.1f} s"
         + ("" if r["sim_cpu_percent"] is None else f", at {r['sim_cpu_percent']:.0f}% of a core")

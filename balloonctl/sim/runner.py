@@ -34,7 +34,8 @@ def layout(
     """One VM on ``qmp``, or ``count`` VMs named vm0.. on ``qmp_dir/vmN.sock``.
 
     ``workloads`` (if any) are cycled over the VMs: vm0 runs the first, vm1 the second...;
-    without them every VM runs ``base``'s workload.
+    without them every VM runs ``base``'s workload. Their clocks start spread over a minute
+    (the workloads' longest period), as real guests do not all boot in the same second.
     """
     if qmp_dir is None:
         assert qmp is not None
@@ -46,10 +47,10 @@ def layout(
             VmSpec(
                 name=f"vm{i}",
                 profile=base.profile,
-                guest=(
-                    replace(base.guest, workload=workloads[i % len(workloads)])
-                    if workloads
-                    else base.guest
+                guest=replace(
+                    base.guest,
+                    workload=workloads[i % len(workloads)] if workloads else base.guest.workload,
+                    phase=(i * 60.0 / count) if count > 1 else 0.0,
                 ),
                 rate=base.rate,
                 hotplug=base.hotplug,

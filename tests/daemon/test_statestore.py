@@ -25,9 +25,14 @@ from tests.daemon.conftest import ConfigFile, FakeHost, GiB, MiB, VmEntry, decis
 
 MakeConfig = Callable[..., ConfigFile]
 
+#: A VM's memory as the policy hands it over: a target in flight and a back-off.
 MEMORY: Final = VmMemory(
     target=768 * MiB, set_tick=41, shrink=True, reached=False, failures=3, hold_until=57
 )
+#: What of it is kept: the back-off only (see balloonctl.statestore).
+KEPT: Final = VmMemory(failures=3, hold_until=57)
+#: A different back-off (so that saving it writes).
+OTHER: Final = VmMemory(target=GiB, set_tick=60, shrink=True, failures=4, hold_until=76)
 
 #: Names a VM may have (a libvirt domain name is almost anything) and what must not happen
 #: with them: a path outside the directory, two VMs in one file, a clash with daemon.json.
@@ -79,9 +84,14 @@ def test_open_creates_a_private_directory(tmp_path: Path) -> None:
     s.open()  # again: fine
 
 
-def test_round_trip_of_every_field(store: StateStore) -> None:
+def test_round_trip_of_the_back_off_only(store: StateStore) -> None:
     store.save("vm", MEMORY)
-    assert StateStore(store.directory).load("vm") == MEMORY
+    loaded = StateStore(store.directory).load("vm")
+    assert loaded == KEPT
+    assert (loaded.failures, loaded.hold_until) == (3, 57)
+    # The target in flight comes back as nothing in flight.
+    assert loaded.target is None and loaded.set_tick == 0
+    assert loaded.shrink is False and loaded.reached is False
     assert StateStore(store.directory).load("other") == VmMemory()
 
 
@@ -97,7 +107,7 @@ def test_odd_vm_names_stay_inside_the_directory_one_file_each(tmp_path: Path) ->
     s.save_tick(7)
     before = _files(str(tmp_path))
     for i, name in enumerate(ODD_NAMES):
-        s.save(name, VmMemory(target=(i + 1) * MiB, set_tick=i))
+        s.save(name, VmMemory(target=(i + 1) * MiB, set_tick=i, failures=i + 1, hold_until=i))
     assert _files(str(tmp_path)) == before  # nothing written next to the directory
     files = _files(s.directory)
     assert len(files) == len(ODD_NAMES) + 1  # one each, and daemon.json
@@ -107,7 +117,7 @@ def test_odd_vm_names_stay_inside_the_directory_one_file_each(tmp_path: Path) ->
         assert len(entry.encode()) <= 255
     fresh = StateStore(s.directory)
     for i, name in enumerate(ODD_NAMES):
-        assert fresh.load(name) == VmMemory(target=(i + 1) * MiB, set_tick=i), name
+        assert fresh.load(name) == VmMemory(failures=i + 1, hold_until=i), name
     assert fresh.load_tick() == 7
 
 
@@ -115,7 +125,7 @@ def test_state_file_records_the_vm_name(store: StateStore) -> None:
     store.save("a/b", MEMORY)
     (entry,) = _files(store.directory)
     data = json.loads(Path(store.directory, entry).read_text())
-    assert data["vm"] == "a/b" and data["target"] == MEMORY.target
+    assert data == {"vm": "a/b", "failures": 3, "hold_until": 57}  # no target in flight
 
 
 def test_save_replaces_the_file_and_skips_unchanged_memory(store: StateStore) -> None:
@@ -125,11 +135,33 @@ def test_save_replaces_the_file_and_skips_unchanged_memory(store: StateStore) ->
     first = os.stat(path).st_ino
     store.save("vm", MEMORY)  # unchanged: not written again
     assert os.stat(path).st_ino == first
-    changed = VmMemory(target=512 * MiB)
+    changed = VmMemory(failures=1, hold_until=12)
     store.save("vm", changed)
     assert os.stat(path).st_ino != first  # a new file renamed over the old one
     assert _files(store.directory) == {entry}  # and no temporary left behind
     assert StateStore(store.directory).load("vm") == changed
+
+
+def test_save_writes_only_when_the_back_off_changes(store: StateStore) -> None:
+    """The target moves nearly every tick; the file is written when the back-off does."""
+    for tick in range(1, 6):  # a target in flight, no back-off: nothing to keep
+        store.save("vm", VmMemory(target=tick * GiB, set_tick=tick, shrink=True))
+    assert _files(store.directory) == set()
+    store.save("vm", MEMORY)
+    path = os.path.join(store.directory, _single(store.directory))
+    first = os.stat(path).st_ino
+    for tick in range(42, 47):  # new targets, same back-off: not written again
+        store.save("vm", VmMemory(target=tick * MiB, set_tick=tick, failures=3, hold_until=57))
+    assert os.stat(path).st_ino == first
+    # What a store has read counts as written: a restarted daemon does not rewrite it.
+    fresh = StateStore(store.directory)
+    assert fresh.load("vm") == KEPT
+    fresh.save("vm", VmMemory(target=GiB, set_tick=99, reached=True, failures=3, hold_until=57))
+    assert os.stat(path).st_ino == first
+    # The back-off ending is a change, and is written.
+    fresh.save("vm", VmMemory(target=GiB, set_tick=99, reached=True, failures=0, hold_until=57))
+    assert os.stat(path).st_ino != first
+    assert StateStore(store.directory).load("vm") == VmMemory(hold_until=57)
 
 
 def test_a_failed_write_leaves_the_previous_state(
@@ -141,11 +173,14 @@ def test_a_failed_write_leaves_the_previous_state(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", no_rename)
-    store.save("vm", VmMemory(target=GiB))
+    store.save("vm", OTHER)
     monkeypatch.undo()
-    assert StateStore(store.directory).load("vm") == MEMORY
+    assert StateStore(store.directory).load("vm") == KEPT
     assert len(_files(store.directory)) == 1  # the temporary file is gone
     assert "No space left on device" in caplog.text
+    # Not taken for written: the same memory is written on the next save.
+    store.save("vm", OTHER)
+    assert StateStore(store.directory).load("vm") == VmMemory(failures=4, hold_until=76)
 
 
 def test_a_crash_mid_write_leaves_the_previous_state(
@@ -158,9 +193,9 @@ def test_a_crash_mid_write_leaves_the_previous_state(
 
     monkeypatch.setattr(json, "dump", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        store.save("vm", VmMemory(target=GiB))
+        store.save("vm", OTHER)
     monkeypatch.undo()
-    assert StateStore(store.directory).load("vm") == MEMORY
+    assert StateStore(store.directory).load("vm") == KEPT
     assert len(_files(store.directory)) == 1
 
 
@@ -170,7 +205,7 @@ def test_unwritable_directory_warns_once_until_it_works_again(
     # The directory vanishing works as root as well (chmod does not stop root).
     os.rmdir(store.directory)
     for i in range(5):
-        store.save(f"vm{i}", VmMemory(target=i + 1))
+        store.save(f"vm{i}", VmMemory(target=i + 1, failures=i + 1, hold_until=i + 2))
         store.save_tick(i)
     warnings = [r for r in caplog.records if r.name == "balloonctl.statestore"]
     assert len(warnings) == 1, caplog.text
@@ -178,8 +213,8 @@ def test_unwritable_directory_warns_once_until_it_works_again(
     assert store.directory in warnings[0].getMessage()
 
     store.open()
-    store.save("vm0", VmMemory(target=1))  # not written before: written now
-    assert StateStore(store.directory).load("vm0") == VmMemory(target=1)
+    store.save("vm0", VmMemory(target=1, failures=1, hold_until=2))  # not written before: now
+    assert StateStore(store.directory).load("vm0") == VmMemory(failures=1, hold_until=2)
     os.unlink(os.path.join(store.directory, _single(store.directory)))
     os.rmdir(store.directory)
     store.save_tick(99)  # broken again after a success: one more line
@@ -199,12 +234,18 @@ def _single(directory: str) -> str:
         "",
         "[1, 2]",
         "null",
-        '{"target": -1}',
-        '{"target": "768M"}',
-        '{"target": true}',
+        '{"failures": -1}',
+        '{"failures": true}',
         '{"failures": 1.5}',
-        '{"shrink": 1}',
+        '{"failures": "3"}',
+        '{"hold_until": "x"}',
         '{"hold_until": null}',
+        '{"hold_until": -57}',
+        '{"hold_until": false}',
+        # One bad value spoils the file: no half of a back-off.
+        '{"failures": 3, "hold_until": "57"}',
+        '{"failures": [3], "hold_until": 57}',
+        '{"target": 805306368, "failures": -1, "hold_until": 57}',
     ],
 )
 def test_an_unusable_state_file_is_ignored(
@@ -219,12 +260,30 @@ def test_an_unusable_state_file_is_ignored(
     assert "\n" not in warnings[0].getMessage()
 
 
-def test_a_state_file_with_missing_or_extra_fields(store: StateStore) -> None:
+@pytest.mark.parametrize(
+    ("content", "loaded"),
+    [
+        ('{"vm": "vm", "failures": 2, "from_the_future": [1]}', VmMemory(failures=2)),
+        ('{"hold_until": 57}', VmMemory(hold_until=57)),
+        ("{}", VmMemory()),
+        # Written by an older balloonctl, which kept the target in flight: the back-off is
+        # taken, the rest ignored (even where it would not pass for a target).
+        (
+            '{"vm": "vm", "target": 805306368, "set_tick": 41, "shrink": true,'
+            ' "reached": false, "failures": 3, "hold_until": 57}',
+            KEPT,
+        ),
+        ('{"target": -1, "set_tick": "x", "shrink": 1, "failures": 2}', VmMemory(failures=2)),
+    ],
+)
+def test_a_state_file_with_missing_or_extra_fields(
+    store: StateStore, content: str, loaded: VmMemory, caplog: pytest.LogCaptureFixture
+) -> None:
     store.save("vm", MEMORY)
-    Path(store.directory, _single(store.directory)).write_text(
-        '{"vm": "vm", "target": null, "failures": 2, "from_the_future": [1]}'
-    )
-    assert StateStore(store.directory).load("vm") == VmMemory(target=None, failures=2)
+    Path(store.directory, _single(store.directory)).write_text(content)
+    caplog.clear()
+    assert StateStore(store.directory).load("vm") == loaded
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.parametrize("content", ["garbage", '{"tick": -3}', '{"tick": true}', '{"tick": "9"}'])
@@ -269,7 +328,8 @@ def test_back_off_and_tick_counter_survive_a_restart(
 ) -> None:
     """A guest that never reaches its shrink is backed off; a daemon started afterwards on the
     same state directory knows it (and the tick count the back-off is measured in) and does not
-    push it again before the back-off ends. Without the state, it would shrink it at once."""
+    push it again before the back-off ends. Without the state, it would shrink it at once.
+    The target the back-off left in flight (where the guest stayed) is not carried over."""
     sock = str(run_dir / "vm.sock")
     cfg = make_config([VmEntry("vm", sock)])
     cfg.policy["settle_ticks"] = 2
@@ -289,16 +349,21 @@ def test_back_off_and_tick_counter_survive_a_restart(
             assert reasons[2].startswith("back off: 2 ticks without reaching"), reasons
             memory = d.links["vm"].memory
             assert memory.failures == 1 and memory.hold_until == d.tick_no + 2
+            assert memory.target == 2 * GiB  # in flight: "stays at" where it is
             return d.tick_no, memory
 
     async def second_run(peer: HostilePeer, tick: int, memory: VmMemory) -> str:
         async with _daemon(cfg) as d:
             assert d.tick_no == tick
-            assert d.store is not None and d.store.load("vm") == memory
+            back_off = VmMemory(failures=memory.failures, hold_until=memory.hold_until)
+            assert d.store is not None and d.store.load("vm") == back_off
             _fresh(peer.vm)
             report = await d.tick(settle=True)
             assert report.tick == tick + 1
-            assert d.links["vm"].memory.hold_until == memory.hold_until
+            kept = d.links["vm"].memory
+            assert (kept.failures, kept.hold_until) == (memory.failures, memory.hold_until)
+            assert kept.target is None and kept.set_tick == 0 and not kept.reached
+            assert not decisions(report)["vm"].send
             return str(decisions(report)["vm"].reason)
 
     async def scenario() -> None:
@@ -320,6 +385,50 @@ def test_back_off_and_tick_counter_survive_a_restart(
                 assert decisions(report)["vm"].reason.startswith("give:")
                 assert decisions(report)["vm"].send
             assert "ignoring state file" in caplog.text
+
+    asyncio.run(scenario())
+
+
+def test_a_target_in_flight_does_not_survive_a_restart(
+    run_dir: Path, make_config: MakeConfig, host: FakeHost
+) -> None:
+    """A daemon stopped while a guest is on its way to a target does not leave that target to
+    the next one, which would wait settle_ticks for a move that may never come (the guest, or
+    the whole VM, restarted meanwhile): the next daemon decides afresh at once. Nor does a
+    target alone cost a file write."""
+    sock = str(run_dir / "vm.sock")
+    cfg = make_config([VmEntry("vm", sock)])
+    cfg.policy["settle_ticks"] = 5
+    cfg.write()
+    host.set(600 * MiB)  # pressure
+
+    async def scenario() -> None:
+        async with HostilePeer(sock, FakeQemu(ram=2 * GiB)) as peer:
+            # The VM says yes to every target and never moves.
+            peer.script("balloon", *[Return({})] * 10)
+            async with _daemon(cfg) as d:
+                reasons = []
+                for _ in range(2):
+                    _fresh(peer.vm)
+                    reasons.append(decisions(await d.tick(settle=True))["vm"].reason)
+                assert reasons[0].startswith("give:")
+                assert reasons[1].startswith("hold: on its way to"), reasons
+                memory = d.links["vm"].memory
+                assert memory.target is not None and memory.target < 2 * GiB
+                assert memory.failures == 0 and memory.hold_until == 0
+                tick = d.tick_no
+            assert os.listdir(cfg.state_dir) == ["daemon.json"]  # no back-off, no file
+
+            async with _daemon(cfg) as d:
+                assert d.tick_no == tick
+                _fresh(peer.vm)
+                report = await d.tick(settle=True)
+                assert report.tick == tick + 1
+                decision = decisions(report)["vm"]
+                assert decision.reason.startswith("give:"), decision.reason
+                assert decision.send
+                assert d.links["vm"].memory.set_tick == tick + 1
+            assert peer.count("balloon") == 2
 
     asyncio.run(scenario())
 
