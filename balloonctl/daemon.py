@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import gc
 import logging
 import math
 import re
@@ -392,6 +393,9 @@ class Daemon:
         self._reload = False
         self.metrics: Any = None
         self._signals: list[int] = []
+        #: Connected VMs at the last gc.freeze(), and when to refreeze anyway.
+        self._frozen_at = -1
+        self._refreeze_tick = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -412,6 +416,7 @@ class Daemon:
 
     async def __aexit__(self, *exc: object) -> None:
         self.notifier.stopping()
+        gc.unfreeze()
         await asyncio.gather(*(self._drop(link) for link in list(self.links.values())))
         if self.metrics is not None:
             self.metrics.close()
@@ -506,6 +511,7 @@ class Daemon:
         tick = self.tick_no
         await self._reconcile()
         answered = await self._collect(tick, settle=settle)
+        self._freeze_heap(tick)
         try:
             host = read_host(self.config.host)
         except HostReadError as exc:
@@ -535,6 +541,24 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.tick_took(seconds)
         return TickReport(tick, plan, host, len(self.links), len(answered), sent, seconds, error)
+
+    def _freeze_heap(self, tick: int) -> None:
+        """Keep the long-lived objects (links, connections, tasks) out of the cyclic GC.
+
+        With 1000 VMs every full collection walked them all: a third of a stats-only tick's
+        CPU and most of its jitter (measured: 0.20 s median, 0.12-0.29, down to 0.14 s,
+        0.13-0.19, with them frozen). Frozen objects are never collected, so when VMs come
+        or go the heap is unfrozen, collected once and frozen again, and the same every
+        FULL_RESYNC_TICKS for anything else that piled up.
+        """
+        connected = sum(1 for link in self.links.values() if link.up)
+        if connected == self._frozen_at and tick < self._refreeze_tick:
+            return
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self._frozen_at = connected
+        self._refreeze_tick = tick + FULL_RESYNC_TICKS
 
     async def _reconcile(self) -> None:
         """Bring ``links`` in line with the configuration and libvirt's domains."""
