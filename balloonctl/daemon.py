@@ -222,6 +222,7 @@ class Link:
             stats_age=now_wall - stats.last_update if usable and stats is not None else math.inf,
             deflate_on_oom=self.deflate_on_oom,
             memory=self.memory,
+            polling_off=self.polling is False,
         )
 
     async def collect(

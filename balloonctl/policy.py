@@ -108,6 +108,9 @@ class VmState:
     deflate_on_oom: bool
     memory: VmMemory = VmMemory()
     migrating: bool = False
+    #: The guest's stats polling is off (a dry run does not turn it on): say so, rather
+    #: than "no statistics yet", which would suggest waiting helps.
+    polling_off: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ class _Vm:
 def _stats_problem(vm: VmState, knobs: PolicyConfig, slack: int) -> str | None:
     """Why the statistics cannot be used, or None. Garbage of every kind holds the VM."""
     stats = vm.stats
+    if (stats is None or not stats) and vm.polling_off:
+        return "stats polling is off"
     if stats is None or not stats:
         return "no statistics yet"
     if not vm.stats_age <= knobs.stale_after:  # also catches NaN
@@ -411,7 +416,8 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
     want_total = sum(wants)
 
     # 2. What the givers must release.
-    if mode in (HostMode.PRESSURE, HostMode.CRITICAL):
+    pressure = mode in (HostMode.PRESSURE, HostMode.CRITICAL)
+    if pressure:
         release = int(max(0.0, mid_line - host.available)) + want_total
     else:
         release = int(max(0.0, want_total - max(0.0, host.available - low_line)))
@@ -426,8 +432,10 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
         if take > work.deadband:
             work.delta = -take
             released += take
+            # Outside pressure, givers give only for the guests under their own pressure.
+            why = host_reason if pressure else "for a guest under pressure"
             work.why = (
-                f"give: {host_reason}; needs {format_size(work.need)}, "
+                f"give: {why}; needs {format_size(work.need)}, "
                 f"{_pct(work.available, work.state.actual):.0f}% of it available"
             )
 
