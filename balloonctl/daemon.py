@@ -193,8 +193,8 @@ class Link:
         self.stats: GuestStats | None = None
         #: Whether the guest's stats are polled (None: not known yet).
         self.polling: bool | None = None
-        #: Resync on ticks where (tick + offset) % RESYNC_TICKS == 0: the resyncs of many
-        #: VMs spread over the ticks instead of all landing on one.
+        #: Resyncs fall on ticks where (tick + offset) is a multiple of RESYNC_TICKS (or
+        #: FULL_RESYNC_TICKS): those of many VMs spread over the ticks, not all on one.
         self.resync_offset = zlib.crc32(member.name.encode()) % FULL_RESYNC_TICKS
         self.resync_due = True
         self.watch: asyncio.Task[None] | None = None
@@ -237,7 +237,7 @@ class Link:
             return False
         try:
             if not self.up:
-                await self._connect(factory, config, tick, dry_run=dry_run)
+                await self._connect(factory, config)
             backend = self.backend
             assert backend is not None
             if self.watch is None or self.watch.done():
@@ -258,9 +258,7 @@ class Link:
         self.failures = 0
         return True
 
-    async def _connect(
-        self, factory: BackendFactory, config: Config, tick: int, *, dry_run: bool
-    ) -> None:
+    async def _connect(self, factory: BackendFactory, config: Config) -> None:
         backend = factory(self.member, config)
         self.backend = backend
         await backend.__aenter__()
@@ -457,6 +455,9 @@ class Daemon:
         else:
             if fresh.daemon.metrics != self.config.daemon.metrics:
                 log.warning("[daemon] metrics changes need a restart; keeping the endpoint")
+            if fresh.daemon.interval != self.config.daemon.interval:
+                for link in self.links.values():
+                    link.resync_due = True  # the stats period follows the interval
             self.config = fresh
             self._rescan_at = 0.0
             log.info("configuration reloaded from %s", path)

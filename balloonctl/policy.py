@@ -231,8 +231,12 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
         off = vm.actual - pending
         if abs(off) <= work.deadband:
             if not mem.reached:
+                # A reached shrink clears the record of failures, but only once the last
+                # back-off is backoff_max ticks past: a guest that reaches each shrink and
+                # then takes it back (deflate-on-OOM) must still wait 2, 4, 8 ... ticks.
+                quiet = mem.shrink and tick - mem.hold_until >= knobs.backoff_max
                 work.memory = mem = replace(
-                    mem, reached=True, failures=0 if mem.shrink else mem.failures
+                    mem, reached=True, failures=0 if quiet else mem.failures
                 )
         elif mem.reached:
             # It got there and moved away since: the guest deflated itself under OOM, or

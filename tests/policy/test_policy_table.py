@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -652,14 +652,44 @@ def test_back_off_doubles_up_to_backoff_max(failures: int, backoff_max: int, wai
 
 
 @pytest.mark.parametrize(
-    ("shrink", "failures_after"), [(True, 0), (False, 3)], ids=["shrink", "grow"]
+    ("shrink", "hold_until", "failures_after"),
+    [
+        (True, TICK - KNOBS.backoff_max, 0),
+        (True, TICK - 5, 3),
+        (False, TICK - KNOBS.backoff_max, 3),
+    ],
+    ids=["shrink-long-after-the-back-off", "shrink-soon-after-the-back-off", "grow"],
 )
-def test_reached_shrink_resets_failures(shrink: bool, failures_after: int) -> None:
-    mem = VmMemory(mib(4000), TICK - 1, shrink, False, 3, TICK - 5)
+def test_reached_shrink_resets_failures(shrink: bool, hold_until: int, failures_after: int) -> None:
+    """A reached shrink clears the failures once the last back-off is backoff_max ticks past;
+    sooner, a guest that reaches each shrink and takes it back must keep escalating."""
+    mem = VmMemory(mib(4000), TICK - 1, shrink, False, 3, hold_until)
     vm = idle(actual=mib(4000) + 5 * MiB, memory=mem)  # within the deadband of the target
     d = decide(host(25), [vm], KNOBS, TICK).decisions[0]
     assert d.reason.startswith("hold:")
-    assert d.memory == VmMemory(mib(4000), TICK - 1, shrink, True, failures_after, TICK - 5)
+    assert d.memory == VmMemory(mib(4000), TICK - 1, shrink, True, failures_after, hold_until)
+
+
+def test_repeated_deflate_on_oom_take_backs_escalate_the_back_off() -> None:
+    """Shrink reached, taken back, backed off; after the back-off, again: the wait doubles."""
+    waits = []
+    mem = VmMemory()
+    tick = 100
+    for _ in range(3):
+        tick = max(tick, mem.hold_until) + 1
+        # A shrink target that the guest reached ...
+        mem = replace(mem, target=mib(3000), set_tick=tick - 1, shrink=True, reached=False)
+        reached = idle(actual=mib(3000), memory=mem)
+        mem = decide(host(25), [reached], KNOBS, tick).decisions[0].memory
+        assert mem.reached
+        # ... and then took back through deflate-on-OOM.
+        tick += 1
+        took = idle(actual=mib(3500), memory=mem)
+        d = decide(host(25), [took], KNOBS, tick).decisions[0]
+        assert d.reason.startswith("back off: guest took memory back")
+        waits.append(d.memory.hold_until - tick)
+        mem = d.memory
+    assert waits == [2, 4, 8]
 
 
 @pytest.mark.parametrize(
