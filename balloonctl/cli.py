@@ -664,9 +664,14 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         daemon.run_daemon(config, once=args.once, dry_run=args.dry_run, state_dir=args.state_dir)
     )
     if args.once and report is not None:
+        if report.error == daemon.STOPPED:
+            return 128 + signal.SIGTERM
         if report.plan is None:
-            raise BalloonError(report.error or "the tick decided nothing")
-        return _emit(args, daemon.decisions_json(report), daemon.render_decisions)
+            return EXIT_FAILED  # the tick logged why, in one line
+        _emit(args, daemon.decisions_json(report), daemon.render_decisions)
+        if report.managed and not report.answered:
+            print("balloonctl: error: no VM answered", file=sys.stderr)
+            return EXIT_FAILED
     return EXIT_OK
 
 

@@ -229,13 +229,23 @@ def _parse(path: str, data: dict[str, Any]) -> Config:
         if key not in _TABLES:
             raise ConfigError(f"{path}: {key}: unknown table (known: {', '.join(_TABLES)})")
     vms = _vms(path, data)
+    daemon = _daemon(path, _table(path, data, "daemon"))
+    policy = _policy(path, _table(path, data, "policy"))
+    period = math.ceil(daemon.interval)
+    if policy.stale_after < 2 * period:
+        # Stats come every ceil(interval) seconds and are read up to a tick later: a
+        # shorter stale_after would call every reading stale and hold every VM for good.
+        raise ConfigError(
+            f"{path}: policy.stale_after: {policy.stale_after:g} s is less than twice the "
+            f"stats period ({period} s, from daemon.interval); every reading would be stale"
+        )
     return Config(
         path,
         vms,
-        daemon=_daemon(path, _table(path, data, "daemon")),
+        daemon=daemon,
         host=_host(path, _table(path, data, "host")),
         libvirt=_libvirt(path, data),
-        policy=_policy(path, _table(path, data, "policy")),
+        policy=policy,
     )
 
 
@@ -245,6 +255,7 @@ def _vms(path: str, data: dict[str, Any]) -> tuple[VmConfig, ...]:
         raise ConfigError(f"{path}: 'vm' must be an array of tables ([[vm]])")
     vms: list[VmConfig] = []
     names: set[str] = set()
+    sockets: dict[tuple[int, int] | str, str] = {}
     for i, entry in enumerate(entries):
         where = f"{path}: vm[{i}]"
         if not isinstance(entry, dict):
@@ -253,6 +264,12 @@ def _vms(path: str, data: dict[str, Any]) -> tuple[VmConfig, ...]:
         if vms[-1].name in names:
             raise ConfigError(f"{where}.name: {vms[-1].name!r} is used twice")
         names.add(vms[-1].name)
+        # One VM, one entry: two floors for one socket would let the lower one win (the
+        # daemon would shrink it under the other). Compared as files, like Config.find.
+        key = _file_key(vms[-1].qmp)
+        if key in sockets:
+            raise ConfigError(f"{where}.qmp: the same VM as {sockets[key]!r} (one entry per VM)")
+        sockets[key] = vms[-1].name
     return tuple(vms)
 
 
@@ -262,7 +279,7 @@ def _vm(where: str, entry: dict[str, Any]) -> VmConfig:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
     qmp = entry.get("qmp")
-    if not isinstance(qmp, str) or not qmp:
+    if not isinstance(qmp, str) or not qmp or "\0" in qmp:
         raise ConfigError(f"{where}.qmp: required, a QMP socket path or unix:/tcp: address")
     if qmp.startswith(("unix:", "tcp:")):
         from balloonctl.backends.address import parse_address  # noqa: PLC0415
@@ -347,7 +364,12 @@ def _daemon(path: str, table: dict[str, Any]) -> DaemonConfig:
     if metrics is not None:
         metrics = _string(f"{where}.metrics", metrics)
         host, sep, port = metrics.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536
+        ):
             raise ConfigError(f'{where}.metrics: must be HOST:PORT such as "127.0.0.1:9712"')
     state_dir = table.get("state_dir")
     return DaemonConfig(
@@ -452,4 +474,11 @@ def _policy(path: str, table: dict[str, Any]) -> PolicyConfig:
         )
     if policy.max_step <= 0:
         raise ConfigError(f"{where}.max_step: must be more than 0")
+    if policy.guest_low > policy.guest_headroom:
+        # A guest shrunk to its headroom would be under its own pressure line at once, and
+        # give and grow back in turn.
+        raise ConfigError(
+            f"{where}.guest_low: {policy.guest_low:g} is more than guest_headroom "
+            f"({policy.guest_headroom:g}); guests would be shrunk into their own pressure"
+        )
     return policy

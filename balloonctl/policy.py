@@ -318,7 +318,9 @@ def _assess(work: _Vm, knobs: PolicyConfig, mode: HostMode) -> None:
     if not vm.deflate_on_oom:
         headroom += knobs.no_deflate_on_oom_headroom
     if mode is HostMode.CRITICAL:
-        headroom /= 2
+        # Half the headroom, but never under the guest's own pressure line: a guest shrunk
+        # there must not count as under pressure and grow straight back.
+        headroom = max(headroom / 2, knobs.guest_low)
     headroom = min(headroom, 90.0)
     # Rounded up: truncated, a guest shrunk to its need keeps a hair less than its headroom,
     # and in critical mode (headroom halved to guest_low by default) that is under its own

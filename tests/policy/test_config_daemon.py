@@ -477,3 +477,27 @@ def test_non_finite_numbers(tmp_path: Path, value: str) -> None:
     message = error(tmp_path, f"[policy]\nguest_headroom = {value}\n")
     assert "policy.guest_headroom: must be a number from 0 to 90" in message
     assert not math.isfinite(float(value))
+
+
+def test_stale_after_shorter_than_two_stats_periods_is_refused(tmp_path: Path) -> None:
+    """Every reading would be stale: the daemon would hold every VM for good."""
+    message = error(tmp_path, "[daemon]\ninterval = 10\n[policy]\nstale_after = 15\n")
+    assert "policy.stale_after: 15 s is less than twice the stats period (10 s" in message
+    ok = load_text(tmp_path, "[daemon]\ninterval = 10\n[policy]\nstale_after = 20\n")
+    assert ok.policy.stale_after == 20.0
+
+
+def test_guest_low_above_guest_headroom_is_refused(tmp_path: Path) -> None:
+    message = error(tmp_path, "[policy]\nguest_low = 30\nguest_headroom = 25\n")
+    assert "policy.guest_low: 30 is more than guest_headroom (25)" in message
+    assert load_text(tmp_path, "[policy]\nguest_low = 25\nguest_headroom = 25\n").policy
+
+
+def test_two_vm_entries_for_one_socket_spelled_differently_are_refused(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    sock.touch()
+    text = (
+        f'[[vm]]\nname = "a"\nqmp = "{sock}"\n'
+        f'[[vm]]\nname = "b"\nqmp = "unix:{tmp_path}/./vm.sock"\n'
+    )
+    assert "vm[1].qmp: the same VM as 'a'" in error(tmp_path, text)
