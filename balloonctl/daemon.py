@@ -190,7 +190,8 @@ class Link:
         self.memory = memory
         self.backend: Backend | None = None
         self.up = False
-        self.failures = 0
+        #: Consecutive failed collections (the reconnect backoff doubles with each).
+        self.connect_failures = 0
         self.next_attempt = 0.0
         self.down_reason: str | None = None
         self.maximum = 0
@@ -268,7 +269,7 @@ class Link:
         if self.down_reason is not None:
             log.info("%s: reachable again", self.name)
             self.down_reason = None
-        self.failures = 0
+        self.connect_failures = 0
         return True
 
     async def _connect(self, factory: BackendFactory, config: Config) -> None:
@@ -315,8 +316,8 @@ class Link:
         if self.down_reason is None:
             log.warning("%s: %s", self.name, reason)
         self.down_reason = reason
-        self.failures += 1
-        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (self.failures - 1))
+        self.connect_failures += 1
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (self.connect_failures - 1))
         self.next_attempt = time.monotonic() + delay
         await self.close()
 
@@ -814,13 +815,13 @@ async def run_daemon(
     config: Config, *, once: bool, dry_run: bool, state_dir: str | None = None
 ) -> TickReport | None:
     """The CLI's entry: build the daemon, handle signals, tick."""
-    _raise_fd_limit()
+    raise_fd_limit()
     async with Daemon(config, dry_run=dry_run, state_dir=state_dir) as daemon:
         daemon.install_signals()
         return await daemon.run(once=once)
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """One socket per VM: lift the soft RLIMIT_NOFILE to the hard one (systemd's default
     soft limit is 1024, which 1000 VMs would hit)."""
     import resource  # noqa: PLC0415

@@ -56,7 +56,8 @@ class StateStore:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._written: dict[str, VmMemory] = {}
+        #: What each VM's file holds; None when it was rejected (the next save rewrites it).
+        self._written: dict[str, VmMemory | None] = {}
         self._broken = False
 
     def open(self) -> None:
@@ -88,8 +89,11 @@ class StateStore:
 
     def load(self, vm: str) -> VmMemory:
         """What was remembered about ``vm``; an empty memory if nothing (usable) was."""
-        data = self._read(self._path(vm))
+        path = self._path(vm)
+        data = self._read(path)
         if data is None:
+            if os.path.lexists(path):
+                self._written[vm] = None  # unreadable: rewrite it at the next save
             return VmMemory()
         values: dict[str, Any] = {}
         for name in _FIELDS:
@@ -98,6 +102,7 @@ class StateStore:
             value = data[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 log.warning("state of %s: ignoring %s=%r", vm, name, value)
+                self._written[vm] = None
                 return VmMemory()
             values[name] = value
         memory = VmMemory(**values)

@@ -265,7 +265,7 @@ def run(config: DaemonBenchConfig) -> dict[str, Any]:
     from balloonctl import daemon  # noqa: PLC0415
 
     _validate(config)
-    daemon._raise_fd_limit()  # one socket per VM, as `balloonctl daemon` does
+    daemon.raise_fd_limit()  # one socket per VM, as `balloonctl daemon` does
     tmp = tempfile.mkdtemp(prefix="balloonctl-bench-daemon-")
     proc: subprocess.Popen[bytes] | None = None
     try:

@@ -295,7 +295,7 @@ def test_vm_killed_mid_tick_is_logged_once_and_picked_up_again(
             assert len(_warnings_about(caplog, "a")) == 1, caplog.text
             # Reconnect backoff: RETRY_MIN_S after the first failure, then doubling.
             link = d.links["a"]
-            assert not link.up and link.failures == 1
+            assert not link.up and link.connect_failures == 1
             assert before + RETRY_MIN_S <= link.next_attempt <= after + RETRY_MIN_S
 
             retry_at = link.next_attempt
@@ -303,14 +303,14 @@ def test_vm_killed_mid_tick_is_logged_once_and_picked_up_again(
             report = await d.tick(settle=True)  # b is still served
             assert "a" not in decisions(report)
             assert "b" in decisions(report)
-            assert link.failures == (1 if before < retry_at else 2)  # not tried before then
+            assert link.connect_failures == (1 if before < retry_at else 2)  # not tried before then
             assert await until(lambda: time.monotonic() >= link.next_attempt)
-            failures = link.failures
+            failures = link.connect_failures
             before = time.monotonic()
             report = await d.tick(settle=True)  # tried again: still dead
             after = time.monotonic()
             assert "a" not in decisions(report)
-            assert link.failures == failures + 1
+            assert link.connect_failures == failures + 1
             delay = RETRY_MIN_S * 2**failures
             assert before + delay <= link.next_attempt <= after + delay
 
@@ -323,7 +323,7 @@ def test_vm_killed_mid_tick_is_logged_once_and_picked_up_again(
             assert await until(back, timeout=15, step=0.2), caplog.text
             assert any(r.getMessage() == "a: reachable again" for r in caplog.records), caplog.text
             assert len(_warnings_about(caplog, "a")) == 1, caplog.text
-            assert d.links["a"].up and d.links["a"].failures == 0
+            assert d.links["a"].up and d.links["a"].connect_failures == 0
 
     asyncio.run(scenario())
 

@@ -450,3 +450,21 @@ def test_a_corrupt_tick_counter_is_ignored_with_a_warning(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("ignoring state file" in r.getMessage() for r in warnings), caplog.text
     assert json.loads((cfg.state_dir / "daemon.json").read_text()) == {"tick": 1}
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"failures": -1}'], ids=["corrupt", "bad"])
+def test_a_rejected_file_is_rewritten_at_the_next_save_even_without_back_off(
+    tmp_path: Path, content: str
+) -> None:
+    """A VM with no back-off is normally never written; a file that was rejected must still be
+    replaced, or every start would warn about it again."""
+    store = StateStore(str(tmp_path))
+    store.open()
+    store.save("vm", VmMemory(failures=1, hold_until=9))
+    (path,) = tmp_path.glob("*.vm.json")
+    path.write_text(content)
+    fresh = StateStore(str(tmp_path))
+    assert fresh.load("vm") == VmMemory()
+    fresh.save("vm", VmMemory())
+    assert json.loads(path.read_text()) == {"vm": "vm", "failures": 0, "hold_until": 0}
+    assert StateStore(str(tmp_path)).load("vm") == VmMemory()
