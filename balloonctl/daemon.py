@@ -748,7 +748,7 @@ class Daemon:
             )
         elif kind != link.last_reason_kind and not decision.reason.startswith(_UNDER_WAY):
             log.info("%s: at %s: %s", link.name, format_size(decision.current), decision.reason)
-        else:
+        elif log.isEnabledFor(logging.DEBUG):  # most VMs most ticks: no sizes formatted for it
             log.debug("%s: at %s: %s", link.name, format_size(decision.current), decision.reason)
         link.last_reason_kind = kind
 
