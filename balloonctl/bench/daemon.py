@@ -11,6 +11,9 @@ and QMP backend) against N simulated VMs:
   (``TickReport.seconds``), this process's CPU time over the tick's whole period (the tick
   plus the wait for the next one, where the VMs' events are read: all of it is the
   daemon's), the VMs that answered and the targets it sent;
+* the daemon logs as ``balloonctl daemon`` does, at INFO (one line per move, and per hold
+  whose kind changes), into a file standing in for the journal: formatting and writing
+  those lines is part of its CPU;
 * the host is a fake ``/proc/meminfo`` (no PSI): balanced while the daemon connects, under
   pressure for the first half of the measured ticks (guests give) and calm for the second
   (guests grow back), so the daemon really moves memory and not only reads statistics.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -260,6 +264,34 @@ def _validate(config: DaemonBenchConfig) -> None:
         raise UsageError("--memory must be at least 64M, in whole 4 KiB pages")
 
 
+@contextlib.contextmanager
+def _daemon_log(path: str) -> Iterator[None]:
+    """The daemon's logger at INFO into ``path``, as ``balloonctl daemon`` logs to stderr
+    (the journal, under systemd): the same level and line format, one write per line."""
+    logger = logging.getLogger("balloonctl.daemon")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("balloonctl: %(levelname)s: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not onto the terminal the report goes to
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
+
+
 def run(config: DaemonBenchConfig) -> dict[str, Any]:
     """Start the sim, run the daemon for warm-up + ``ticks`` ticks; the report."""
     from balloonctl import daemon  # noqa: PLC0415
@@ -283,8 +315,10 @@ def run(config: DaemonBenchConfig) -> dict[str, Any]:
         # A host twice the guests' size: under pressure every giver gives a full step each
         # tick, and when calm there is room for all of them to grow back.
         total = 2 * config.vms * config.memory
-        run_ = asyncio.run(_measure(config, path, tmp, total, proc))
-        return report(config, sim_start_s, run_)
+        daemon_log = os.path.join(tmp, "daemon.log")
+        with _daemon_log(daemon_log):
+            run_ = asyncio.run(_measure(config, path, tmp, total, proc))
+        return report(config, sim_start_s, run_, log_lines=_count_lines(daemon_log))
     finally:
         if proc is not None:
             stop_sim(proc)
@@ -432,7 +466,9 @@ def _spread(values: Sequence[float], digits: int) -> dict[str, float]:
     }
 
 
-def report(config: DaemonBenchConfig, sim_start_s: float, run_: _Run) -> dict[str, Any]:
+def report(
+    config: DaemonBenchConfig, sim_start_s: float, run_: _Run, *, log_lines: int
+) -> dict[str, Any]:
     """The JSON report."""
     warmup, ticks, ready = run_.warmup, run_.ticks, run_.ready
     connect_s = sum(t.period_s for t in warmup)
@@ -503,6 +539,8 @@ def report(config: DaemonBenchConfig, sim_start_s: float, run_: _Run) -> dict[st
             "calm": sum(t.sent for t in ticks if t.phase == "calm"),
         },
         "samples": [t.to_json() for t in ticks],
+        # Lines the daemon logged at INFO over the whole run, warm-up included.
+        "log_lines": log_lines,
         "goal": {
             "text": GOAL_TEXT,
             "vms": GOAL_VMS,
@@ -562,6 +600,10 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(
         f"VMs answering: {a['min']}..{a['max']} of {r['vms']}; targets sent: {s['total']} "
         f"({s['pressure']} under pressure, {s['calm']} calm)"
+    )
+    lines.append(
+        f"the daemon logged {r['log_lines']} lines at INFO over the run (to a file, as to "
+        "the journal)"
     )
     wait = r["cpu_wait_percent"]
     if wait["daemon"] is not None and wait["sim"] is not None:

@@ -254,3 +254,33 @@ def test_a_reply_in_time_cancels_the_timer(sock: str) -> None:
         return sum(1 for handle in scheduled if not handle.cancelled() and handle.when() > later)
 
     assert with_client(sock, qmp._QmpClient, body) == 0
+
+
+# ============================================================================================
+# The recv() size
+# ============================================================================================
+
+
+def test_connections_read_in_recv_size_chunks_and_longer_replies_arrive_whole(sock: str) -> None:
+    long_value = "x" * (3 * qmp.RECV_SIZE + 17)
+
+    async def main() -> tuple[object, object]:
+        async with HostilePeer(sock) as peer:
+            backend = QmpBackend(sock, connect_timeout=5.0, command_timeout=5.0)
+            try:
+                await backend.actual()
+                client = backend._client
+                assert client is not None
+                # Fails if asyncio's transport no longer has max_size: the cap would be lost.
+                assert client.tune_transport()
+                writer = client._writer
+                assert writer is not None
+                size = getattr(writer.transport, "max_size")  # noqa: B009 (not in the stubs)
+                peer.script("query-balloon", Return({"actual": 1, "padding": long_value}))
+                return size, await backend.monitor("query-balloon")
+            finally:
+                await backend.close()
+
+    size, reply = asyncio.run(main())
+    assert size == qmp.RECV_SIZE
+    assert reply == {"actual": 1, "padding": long_value}

@@ -79,6 +79,10 @@ def test_json_report_measures_ticks_and_moves_memory() -> None:
     assert sent["total"] == sum(s["sent"] for s in samples) > 0
     assert sent["pressure"] > 0
     assert sent["total"] == sent["pressure"] + sent["calm"]
+    # The daemon logged as `balloonctl daemon` does (a line per move at least), into its
+    # file and not onto the bench's terminal.
+    assert r["log_lines"] >= sent["total"]
+    assert "INFO" not in done.stderr
 
     goal = r["goal"]
     assert goal["text"] == GOAL_TEXT
