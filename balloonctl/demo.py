@@ -219,6 +219,8 @@ class Autoballoon:
         out: dict[str, int | None] = {}
         for name in self.names:
             link = self.daemon.links.get(name)
+            if link is not None:
+                link.refresh_actual()  # the newest BALLOON_CHANGE, not only the last tick's
             out[name] = None if link is None else link.actual
         return out
 

@@ -11,7 +11,7 @@ plus ``virtio.features`` for decoding feature words, which has no I/O.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,6 +53,29 @@ class FeatureState:
     queues: int = 0
 
 
+class ActualWatch(Protocol):
+    """What :meth:`Backend.watch_actual` yields: the guest's size from each BALLOON_CHANGE.
+
+    Read either one value at a time as they come (``async for``), or at the consumer's own
+    pace with :meth:`latest`: a daemon that looks once a tick needs no task waking up for
+    every event of every VM.
+    """
+
+    def __aiter__(self) -> ActualWatch: ...
+
+    async def __anext__(self) -> int:
+        """The next value; :class:`~balloonctl.errors.ConnectionLost` once the connection is
+        gone (values of the gap are lost: re-read :meth:`Backend.actual`)."""
+
+    def latest(self) -> int | None:
+        """The newest unread value, dropping the older unread ones; None if none came.
+
+        Never waits. :class:`~balloonctl.errors.ConnectionLost` if the connection is gone
+        (values may have been missed: re-read :meth:`Backend.actual`);
+        :class:`~balloonctl.errors.PeerError` if the newest event is malformed.
+        """
+
+
 class Backend(Protocol):
     """One VM's balloon. Use as ``async with backend:`` (connects, then closes)."""
 
@@ -91,7 +114,7 @@ class Backend(Protocol):
         Refuses (``CommandFailed``) before touching the VM when the balloon's bus cannot
         hotplug. Returns the features after the guest's driver is back."""
 
-    def watch_actual(self) -> AbstractAsyncContextManager[AsyncIterator[int]]:
+    def watch_actual(self) -> AbstractAsyncContextManager[ActualWatch]:
         """``BALLOON_CHANGE`` events' ``actual`` values, from now on, while the context lasts.
 
         Bounded: a consumer that falls behind loses old values, never memory.

@@ -429,6 +429,17 @@ class _ActualValues:
                 )
             await self._values.wait()
 
+    def latest(self) -> int | None:
+        """The newest unread value without waiting (see :class:`~.base.ActualWatch`)."""
+        newest = None
+        while (value := self._values.pop()) is not None:
+            newest = value
+        if not self._alive():
+            raise ConnectionLost(
+                f"connection to libvirt lost while watching VM {self._vm}'s balloon"
+            )
+        return newest
+
 
 # --------------------------------------------------------------------------------------------
 # The backend
@@ -740,7 +751,7 @@ class LibvirtBackend(QmpVocabulary):
         )
 
     @asynccontextmanager
-    async def watch_actual(self) -> AsyncIterator[AsyncIterator[int]]:
+    async def watch_actual(self) -> AsyncIterator[_ActualValues]:
         """BALLOON_CHANGE ``actual`` values (bytes) from now on, while the context lasts.
 
         libvirt calls back on the asyncio loop (libvirtaio); the newest :attr:`WATCH_BACKLOG`

@@ -240,6 +240,15 @@ class _ActualValues:
         event = await _next_event(self._alive, self._listener, self._vm, "BALLOON_CHANGE")
         return _balloon_change_actual(event)
 
+    def latest(self) -> int | None:
+        """The newest unread value without waiting (see :class:`~.base.ActualWatch`)."""
+        newest = None
+        while (event := self._listener.get_nowait()) is not None:
+            newest = event
+        if not self._alive():
+            raise ConnectionLost(f"connection to VM {self._vm} lost while watching BALLOON_CHANGE")
+        return None if newest is None else _balloon_change_actual(newest)
+
 
 # --------------------------------------------------------------------------------------------
 # Library logging
@@ -877,7 +886,7 @@ class QmpBackend(QmpVocabulary):
         )
 
     @asynccontextmanager
-    async def watch_actual(self) -> AsyncIterator[AsyncIterator[int]]:
+    async def watch_actual(self) -> AsyncIterator[_ActualValues]:
         """BALLOON_CHANGE ``actual`` values from now on, while the context lasts.
 
         Its own bounded listener (:attr:`WATCH_BACKLOG` values; the oldest go first). The

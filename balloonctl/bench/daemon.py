@@ -368,7 +368,7 @@ async def _measure(
                 given = sum(
                     config.memory - link.actual
                     for link in d.links.values()
-                    if link.actual is not None
+                    if link.refresh_actual() and link.actual is not None
                 )
                 available = min(max(available + given, 0), total)
             write_meminfo(meminfo, total, available)

@@ -622,6 +622,56 @@ def test_watch_ends_when_the_connection_drops(sock: str) -> None:
     session(sock, body)
 
 
+def test_latest_takes_the_newest_value_without_waiting(sock: str) -> None:
+    async def body(backend: QmpBackend, peer: HostilePeer) -> list[int | None]:
+        async with backend.watch_actual() as values:
+            seen = [values.latest()]  # nothing yet: None at once, no waiting
+            # The reply comes after the events: when actual() returns, all were dispatched.
+            peer.script("query-balloon", [Flood(5, start=100), Return({"actual": 7})])
+            await backend.actual()
+            seen.append(values.latest())  # the newest of the five
+            seen.append(values.latest())  # the older four were dropped with it
+            return seen
+
+    seen, _ = session(sock, body)
+    assert seen == [None, 104, None]
+
+
+def test_latest_says_when_the_connection_is_gone(sock: str) -> None:
+    async def body(backend: QmpBackend, peer: HostilePeer) -> None:
+        async with backend.watch_actual() as values:
+            await peer.hang_up()
+            with pytest.raises(ConnectionLost):
+                await backend.monitor("balloon", {"value": GiB})  # sees the hang-up
+            with pytest.raises(ConnectionLost) as info:
+                values.latest()
+            assert "BALLOON_CHANGE" in str(info.value)
+            # A new connection does not revive a watch of the old one: events were missed.
+            await backend.actual()
+            with pytest.raises(ConnectionLost):
+                values.latest()
+
+    session(sock, body)
+
+
+def test_latest_rejects_a_malformed_newest_event(sock: str) -> None:
+    async def body(backend: QmpBackend, peer: HostilePeer) -> None:
+        async with backend.watch_actual() as values:
+            peer.script(
+                "query-balloon",
+                [
+                    Emit("BALLOON_CHANGE", {"actual": 1}),
+                    Emit("BALLOON_CHANGE", {"actual": "x"}),
+                    Return({"actual": 7}),
+                ],
+            )
+            await backend.actual()
+            with pytest.raises(PeerError):
+                values.latest()
+
+    session(sock, body)
+
+
 def test_watch_rejects_a_malformed_event(sock: str) -> None:
     async def body(backend: QmpBackend, peer: HostilePeer) -> None:
         async with backend.watch_actual() as values:

@@ -446,6 +446,7 @@ async def follow(d: Daemon, observer: Observer, report: TickReport) -> None:
         await observer.wait_actual(decision.vm, decision.target)
 
         def seen(link: Link = link, target: int = decision.target) -> bool:
+            link.refresh_actual()  # what the next tick does first
             return link.actual == target
 
         assert await until(seen), (

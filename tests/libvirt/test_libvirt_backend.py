@@ -149,6 +149,35 @@ def test_balloon_change_events_reach_watch_actual(libvirtd: Libvirtd, domain: Do
     assert all(target <= v <= 2 * GiB for v in seen)
 
 
+def test_latest_gives_the_newest_balloon_change_without_waiting(
+    libvirtd: Libvirtd, domain: Domain
+) -> None:
+    target = 1792 * MiB
+
+    async def watch() -> tuple[int | None, list[int]]:
+        newest: list[int] = []
+        async with LibvirtBackend(domain.name, libvirtd.uri) as backend:
+            async with backend.watch_actual() as values:
+                first = values.latest()  # nothing has happened: None, at once
+                await backend.set_target(target)
+                async with asyncio.timeout(60):
+                    while not newest or newest[-1] != target:
+                        await asyncio.sleep(0.1)
+                        value = values.latest()
+                        if value is not None:
+                            newest.append(value)
+            await backend.set_target(2 * GiB)
+            async with asyncio.timeout(60):
+                while await backend.actual() != 2 * GiB:
+                    await asyncio.sleep(0.05)
+        return first, newest
+
+    first, newest = asyncio.run(watch())
+    assert first is None
+    assert newest[-1] == target
+    assert all(target <= v <= 2 * GiB for v in newest)
+
+
 def test_list_shows_running_domains_with_a_balloon(libvirtd: Libvirtd, domain: Domain) -> None:
     report = _json(["-c", libvirtd.uri, "--json", "list"])
     rows = [r for r in report["vms"] if r["vm"] == domain.name]  # type: ignore[attr-defined]
