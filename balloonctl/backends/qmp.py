@@ -335,9 +335,10 @@ class _QmpClient(QMPClient):
     once instead of three times, writes it at once instead of through the outgoing queue and
     the writer task, and waits on a future instead of a queue (:class:`_ReplySlot`), with a
     timer on that future instead of an ``asyncio.timeout`` around the task. A daemon polling
-    1000 VMs a second spends most of its CPU here. It relies on ``QMPClient``
-    internals of qemu.qmp 0.0.3-0.0.6 (``_pending``, ``_writer``, ``_get_exec_id``); when they
-    are not as expected it falls back to the library's own path, and
+    1000 VMs a second spends most of its CPU here. It relies on ``QMPClient`` internals as
+    they are in qemu.qmp 0.0.6, the version it was measured and tested with (``_pending``,
+    ``_writer``, ``_get_exec_id``); when they are not as expected it falls back to the
+    library's own path, and
     ``tests/backends/test_qmp_fast_path.py`` fails so that nobody loses the fast path unawares.
     """
 

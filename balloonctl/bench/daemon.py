@@ -365,10 +365,12 @@ async def _measure(
             available = total * HOST_AVAILABLE_PERCENT[phase] // 100
             if config.host == "follow":
                 # What the guests have given up (their RAM less their size now) is the host's.
+                for link in d.links.values():
+                    link.refresh_actual()  # the sizes now, not as of the last tick
                 given = sum(
                     config.memory - link.actual
                     for link in d.links.values()
-                    if link.refresh_actual() and link.actual is not None
+                    if link.actual is not None
                 )
                 available = min(max(available + given, 0), total)
             write_meminfo(meminfo, total, available)
