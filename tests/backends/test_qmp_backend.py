@@ -11,11 +11,9 @@ import asyncio
 import gc
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, TypeVar
 
 import pytest
@@ -63,14 +61,6 @@ from tests.backends.hostile_peer import (
 
 T = TypeVar("T")
 Body = Callable[[QmpBackend, HostilePeer], Awaitable[T]]
-
-
-@pytest.fixture
-def sock() -> Iterator[str]:
-    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    directory = tempfile.mkdtemp(prefix="qmp-", dir="/tmp")
-    yield os.path.join(directory, "qmp.sock")
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def session(

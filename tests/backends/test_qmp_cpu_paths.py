@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -23,13 +20,6 @@ from balloonctl.errors import ConnectionLost
 from tests.backends.hostile_peer import Drop, GiB, HostilePeer
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def sock() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="qmp-", dir="/tmp")
-    yield os.path.join(directory, "qmp.sock")
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def run(

@@ -15,9 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -38,13 +36,6 @@ from tests.backends.hostile_peer import (
 )
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def sock() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="qmp-", dir="/tmp")
-    yield os.path.join(directory, "qmp.sock")
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def with_client(
