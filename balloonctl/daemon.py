@@ -71,6 +71,27 @@ COLLECT_SHARE: Final = 0.6
 GC_THRESHOLDS: Final = (50_000, 20, 50)
 
 
+class _GcTuning:
+    """GC_THRESHOLDS while at least one Daemon runs in the process (tests run several, even
+    overlapping); the thresholds found before the first are put back after the last."""
+
+    users = 0
+    saved: tuple[int, ...] = ()
+
+    @classmethod
+    def acquire(cls) -> None:
+        if cls.users == 0:
+            cls.saved = gc.get_threshold()
+            gc.set_threshold(*GC_THRESHOLDS)
+        cls.users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0:
+            gc.set_threshold(*cls.saved)
+
+
 #: TickReport.error of a tick cut short by SIGTERM (nothing decided, nothing set).
 STOPPED: Final = "stopped by a signal"
 
@@ -454,8 +475,8 @@ class Daemon:
         #: Connected VMs at the last gc.freeze(), and when to refreeze anyway.
         self._frozen_at = -1
         self._refreeze_tick = 0
-        #: The GC thresholds to put back when the daemon ends (see GC_THRESHOLDS).
-        self._gc_thresholds: tuple[int, ...] | None = None
+        #: Whether this daemon holds the GC tuning (see GC_THRESHOLDS).
+        self._gc_tuned = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -472,16 +493,16 @@ class Daemon:
             from balloonctl.metrics import Metrics  # noqa: PLC0415
 
             self.metrics = Metrics(self.config.daemon.metrics)
-        self._gc_thresholds = gc.get_threshold()
-        gc.set_threshold(*GC_THRESHOLDS)
+        _GcTuning.acquire()
+        self._gc_tuned = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.notifier.stopping()
         gc.unfreeze()
-        if self._gc_thresholds is not None:
-            gc.set_threshold(*self._gc_thresholds)
-            self._gc_thresholds = None
+        if self._gc_tuned:
+            self._gc_tuned = False
+            _GcTuning.release()
         await asyncio.gather(*(self._drop(link) for link in list(self.links.values())))
         if self.metrics is not None:
             self.metrics.close()

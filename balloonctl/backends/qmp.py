@@ -340,6 +340,8 @@ class _QmpClient(QMPClient):
     ``_writer``, ``_get_exec_id``); when they are not as expected it falls back to the
     library's own path, and
     ``tests/backends/test_qmp_fast_path.py`` fails so that nobody loses the fast path unawares.
+    Its commands do not pass through the ``_cb_outbound`` hook: it logs the same debug line
+    itself, and nothing here filters outgoing messages.
     """
 
     def tune_transport(self) -> bool:

@@ -262,11 +262,12 @@ def test_connections_read_in_recv_size_chunks_and_longer_replies_arrive_whole(so
                 await backend.actual()
                 client = backend._client
                 assert client is not None
-                # Fails if asyncio's transport no longer has max_size: the cap would be lost.
-                assert client.tune_transport()
                 writer = client._writer
                 assert writer is not None
+                # As connecting left it (nothing here calls tune_transport first).
                 size = getattr(writer.transport, "max_size")  # noqa: B009 (not in the stubs)
+                # Fails if asyncio's transport no longer has max_size: the cap would be lost.
+                assert client.tune_transport()
                 peer.script("query-balloon", Return({"actual": 1, "padding": long_value}))
                 return size, await backend.monitor("query-balloon")
             finally:

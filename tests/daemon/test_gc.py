@@ -71,3 +71,23 @@ def test_a_cycle_is_collected_without_an_explicit_collection(tmp_path: Path) -> 
 
     asyncio.run(scenario())
     assert died == [True]
+
+
+def test_overlapping_daemons_keep_the_thresholds_until_the_last_one_ends(tmp_path: Path) -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+
+    def daemon(name: str) -> Daemon:
+        return Daemon(_config(tmp_path), state_dir=str(tmp_path / name), notifier=Notifier(None))
+
+    async def scenario() -> None:
+        first, second = daemon("a"), daemon("b")
+        await first.__aenter__()
+        await second.__aenter__()
+        await first.__aexit__(None, None, None)  # the first one in leaves first
+        seen.append(gc.get_threshold())  # the second one still runs
+        await second.__aexit__(None, None, None)
+        seen.append(gc.get_threshold())
+
+    asyncio.run(scenario())
+    assert seen == [GC_THRESHOLDS, before]
