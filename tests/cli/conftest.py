@@ -68,6 +68,15 @@ def run_cli(
     )
 
 
+def one_line_error(stderr: str) -> str:
+    """The single error line balloonctl printed (and nothing else, no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("balloonctl: error: "), stderr
+    return lines[0]
+
+
 def popen_cli(*args: str, python_flags: Sequence[str] = ()) -> subprocess.Popen[str]:
     """Start ``balloonctl ARGS...`` in the background, stdout and stderr piped (text)."""
     return subprocess.Popen(

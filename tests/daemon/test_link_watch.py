@@ -28,9 +28,9 @@ def scenario(sock: str, body: Callable[[Link, HostilePeer, Step], Awaitable[None
             ticks = iter(range(1, 1000))
 
             async def tick() -> bool:
-                # Ticks 1, 2, ... : no size-only resync falls on them for this VM's offset
-                # unless (tick + offset) % 30 == 0, which a change of size would hide; the
-                # checks below hold either way, since a resync reads the true size too.
+                # Ticks 1, 2, ...: for the name "vm" (resync offset 262) no periodic resync
+                # falls on the first 5, so every query-balloon counted below is one the watch
+                # handling made, not a scheduled one.
                 return await link.collect(
                     open_backend, config, next(ticks), dry_run=True, connecting=connecting
                 )

@@ -42,12 +42,3 @@ def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         stdin=subprocess.DEVNULL,
         check=False,
     )
-
-
-def one_line_error(stderr: str) -> str:
-    """The single error line balloonctl printed (and nothing else, no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("balloonctl: error: "), stderr
-    return lines[0]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from balloonctl.backends.libvirt import LibvirtBackend, normalize_stats
 from fixtures.libvirtd import BALLOON_BACKEND, Domain, Libvirtd
-from tests.libvirt.conftest import cli, one_line_error
+from tests.cli.conftest import one_line_error
+from tests.libvirt.conftest import cli
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -19,7 +19,7 @@ import pytest
 from balloonctl.backends.libvirt import LibvirtBackend
 from balloonctl.errors import ConnectionLost, VmUnreachable
 from fixtures.libvirtd import Domain, Libvirtd
-from tests.libvirt.conftest import one_line_error
+from tests.cli.conftest import one_line_error
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -26,19 +26,12 @@ from balloonctl.virtio import spec
 from balloonctl.virtio.mock import RingLayout, stats_buffer
 from fixtures.libvirtd import Domain, Libvirtd
 from tests.backends.hostile_peer import Hang, HostilePeer, Script
-from tests.cli.conftest import balloonctl_argv, cli_env, run_cli
+from tests.cli.conftest import balloonctl_argv, cli_env, one_line_error, run_cli
 from tests.cli.test_vring_dump import BUFFERS, RING_BASE, FakeVm
 from tests.libvirt.conftest import domain, libvirtd  # noqa: F401 (pytest fixtures)
 
 #: Guard against a hang (a failure, not a measured time): far above any honest run.
 HANG_GUARD_S = 120.0
-
-
-def one_line_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1 and lines[0].startswith("balloonctl: error: "), stderr
-    return lines[0]
 
 
 @pytest.fixture

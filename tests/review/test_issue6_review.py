@@ -23,17 +23,10 @@ import pytest
 from balloonctl.config import ConfigError
 from balloonctl.config import load as load_config
 from tests.backends.hostile_peer import FakeQemu, HostilePeer
-from tests.cli.conftest import balloonctl_argv, cli_env, run_cli
+from tests.cli.conftest import balloonctl_argv, cli_env, one_line_error, run_cli
 
 #: Guard against a hang (a failure, not a measured time).
 HANG_GUARD_S = 120.0
-
-
-def one_line_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1 and lines[0].startswith("balloonctl: error: "), stderr
-    return lines[0]
 
 
 @pytest.fixture
