@@ -1,17 +1,22 @@
 # balloonctl: the two commands a newcomer needs are `make demo` and `make test`.
-# Both work on a fresh Debian 12 machine: what is missing is installed (apt-get as root).
+# Both work on a fresh Debian 12 or Debian 13 machine: what is missing is installed (apt-get as
+# root). `make test-debian13` runs `make test` and `make demo` again inside a Debian 13 root
+# (and `make test-debian12` inside a Debian 12 one), so one machine checks both stacks.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit fuzz-smoke bench bench-real system-deps clean
+.PHONY: demo test lint typecheck unit fuzz-smoke bench bench-real system-deps clean lock \
+	test-debian12 test-debian13
 
 # Debian packages the tests need, each checked by the command or file that proves it present:
 # the real-QEMU tests boot a guest built from Debian's kernel and busybox-static packages
 # (apt-get download, no root needed for that), the libvirt tests start their own libvirtd,
 # libvirt-python compiles against libvirt-dev, and the systemd unit is checked with
-# systemd-analyze (verify, security --offline).
+# systemd-analyze (verify, security --offline). zstd unpacks Debian 13's kernel (Python 3.13
+# has no zstd module) and systemd-container boots a root under a real systemd for the unit's
+# tests.
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -26,6 +31,7 @@ system-deps:
 	pkg-config --exists libvirt 2>/dev/null || missing="$$missing libvirt-dev"; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v zstd >/dev/null || missing="$$missing zstd"; \
 	[ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
 	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
@@ -39,10 +45,34 @@ $(BIN)/python: | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Reinstall whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+# The test tools are locked, one constraints file per supported Python (requirements/), so a
+# newcomer gets exactly what CI got; `make lock` regenerates them. balloonctl's own runtime
+# dependencies keep ranges in pyproject.toml. Reinstall whenever either file changes.
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+LOCK_PYTHONS := 3.11 3.13
+LOCK := requirements/test-py$(PYVER).txt
+
+$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) $(BIN)/python
+	@if [ -f $(LOCK) ]; then \
+	  echo "$(BIN)/pip install -q -c $(LOCK) -e '.[test]'"; \
+	  $(BIN)/pip install -q -c $(LOCK) -e '.[test]'; \
+	else \
+	  echo "warning: no lock for Python $(PYVER) (locked: $(LOCK_PYTHONS)); installing the newest" \
+	    "releases, which CI has not tested" >&2; \
+	  $(BIN)/pip install -q -e '.[test]'; \
+	fi
 	touch $@
+
+# Regenerate requirements/test-pyX.Y.txt for every supported Python, from pyproject.toml's
+# ranges, with uv's resolver (it resolves for a Python version it does not run on).
+lock: $(BIN)/python
+	$(BIN)/pip install -q 'uv>=0.5'
+	@for v in $(LOCK_PYTHONS); do \
+	  $(BIN)/uv pip compile pyproject.toml --extra test --python-version $$v \
+	    --python-platform x86_64-unknown-linux-gnu --annotation-style line \
+	    --custom-compile-command 'make lock' --upgrade -q -o requirements/test-py$$v.txt \
+	  || exit 1; \
+	done
 
 # Only the source folders that exist (git keeps no empty ones).
 LINT_DIRS := $(wildcard balloonctl tests fuzz fixtures)
@@ -92,6 +122,19 @@ bench-daemon: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# The other stack: `make test` and `make demo` in a Debian root built from Debian's packages
+# with mmdebstrap (cached in ~/.cache/balloonctl/roots; see fixtures/debian_root.py), the
+# checkout copied in, chrooted with /proc, /sys, /dev and a private /tmp. Needs root.
+test-debian13: DEBIAN_SUITE := trixie
+test-debian12: DEBIAN_SUITE := bookworm
+test-debian12 test-debian13:
+	@command -v mmdebstrap >/dev/null || { \
+	  if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
+	    mmdebstrap; }
+	$(PYTHON) fixtures/debian_root.py run --suite $(DEBIAN_SUITE) -- sh -c 'make test && make demo'
 
 # balloonctl set --wait on a real QEMU guest (booted from Debian packages) against a minimal
 # raw QMP client: the ratio and the detection latency (issue 5's goal: within 1.10x).

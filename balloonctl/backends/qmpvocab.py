@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -99,6 +100,12 @@ _NOT_CARRIED: Final = frozenset(
         "bus",
     }
 )
+
+#: device_add's refusal of a property that has a getter but no setter (qom/object.c
+#: object_property_set: "Property '%s.%s' is not writable"). device-list-properties lists such
+#: properties without saying they are read-only: QEMU 10 lists ``busnr`` (the PCI bus number,
+#: hw/pci/pci.c, a getter only) for every PCI device, and reads it back as 1 on a root port.
+_NOT_WRITABLE: Final = re.compile(r"Property '[^']*\.([^'.]+)' is not writable")
 
 #: virtio spec 2.1 device status bit 4, as QEMU names it in x-query-virtio-status
 #: (hw/virtio/virtio-qmp.c virtio_config_status_map): "MACRO: description" in 7.2.
@@ -642,10 +649,30 @@ class QmpVocabulary:
                 ) from exc
         _LOG.debug("%s: balloon %s deleted", self.name, plan.target)
 
+    async def _device_add(self, plan: _ReplugPlan, arguments: Mapping[str, object]) -> None:
+        """device_add, leaving out each carried property QEMU says it cannot set.
+
+        Only properties read off the old device (``plan.carried``) are left out: the
+        driver, id, bus and feature properties are the request itself, so their refusal is
+        the answer. At most one retry per carried property, so the loop is bounded.
+        """
+        args = dict(arguments)
+        while True:
+            try:
+                await self._execute("device_add", args)
+                return
+            except CommandFailed as exc:
+                match = _NOT_WRITABLE.search(str(exc))
+                name = match.group(1) if match else None
+                if name is None or name not in plan.carried or name not in args:
+                    raise
+                _LOG.debug("%s: device_add refused read-only %s; not carried", self.name, name)
+                del args[name]
+
     async def _plug(self, plan: _ReplugPlan) -> None:
         """device_add with the changes; if QEMU refuses, put the old balloon back."""
         try:
-            await self._execute("device_add", plan.replacement)
+            await self._device_add(plan, plan.replacement)
         except CommandFailed as refused:
             again: BalloonError | None = None
             attempts = [plan.original]
@@ -653,7 +680,7 @@ class QmpVocabulary:
                 attempts.append(plan.minimal)
             for arguments in attempts:
                 try:
-                    await self._execute("device_add", arguments)
+                    await self._device_add(plan, arguments)
                 except CommandFailed as exc:
                     again = exc
                     continue

@@ -173,7 +173,7 @@ class GuestAllocator:
             raise ValueError(f"releasing pages that are not {expect.name}")
         self.state[dense] = PageState.FREE
         if dense.size:
-            self._cursor = min(self._cursor, int(dense.min()))
+            self._cursor = min(self._cursor, int(np.min(dense)))
 
     def take(self, pfns: PfnArray, state: PageState) -> None:
         """Specific free pages into ``state`` (compaction picking a migration target)."""

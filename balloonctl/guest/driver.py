@@ -314,7 +314,7 @@ class BalloonDriver:
         dense = self.allocator.to_dense(runs[:, 0])
         for start, count in zip(dense.tolist(), runs[:, 1].tolist(), strict=True):
             self._bitmap[start : start + count] = True
-        return int(dense.min()), int((dense + runs[:, 1]).max()) - 1
+        return int(np.min(dense)), int(np.max(dense + runs[:, 1])) - 1
 
     def _tell_host_sgs(self, vq: DriverQueue, lo: int, hi: int) -> None:
         """The seed's tell_host_sgs: one descriptor per run of set bits in [lo, hi], the
