@@ -211,8 +211,11 @@ def test_guest_memory_peek_matches_pmemsave(libvirtd: Libvirtd, domain: Domain) 
         return queue, desc, text
 
     queue, desc, text = asyncio.run(read())
-    assert queue["vring-num"] == 128
-    assert desc == pmemsave(int(queue["vring-desc"]), 16 * 128)  # type: ignore[call-overload]
+    # QEMU 7.2 gives the inflate queue 128 entries, QEMU 10 1024.
+    assert queue["vring-num"] == queue["vring-num-default"] in (128, 1024), queue
+    size = 16 * int(queue["vring-num"])  # type: ignore[call-overload]
+    assert len(desc) == size
+    assert desc == pmemsave(int(queue["vring-desc"]), size)  # type: ignore[call-overload]
     assert text == pmemsave(16 * MiB, 200_000)
     assert any(text)
 

@@ -58,16 +58,6 @@ def actual(guest: Guest) -> int:
     return value
 
 
-def meminfo(guest: Guest) -> dict[str, int]:
-    """The guest's /proc/meminfo in bytes, through the command channel."""
-    status, out = guest.run("cat /proc/meminfo")
-    assert status == 0, out
-    return {
-        m.group(1): int(m.group(2)) * 1024
-        for m in re.finditer(r"^(\w+):\s+(\d+) kB", out, re.MULTILINE)
-    }
-
-
 class DaemonProcess:
     """``balloonctl daemon --config FILE`` in the background, its log in a file."""
 
@@ -207,7 +197,7 @@ def test_host_pressure_shrinks_to_the_floor_and_calm_grows_it_back(
 ) -> None:
     guest = boot_guest()
     assert stats_period(guest) == 0  # QEMU's default: the daemon has to turn it on
-    before = meminfo(guest)
+    before = guest.meminfo()
     daemon = start_daemon(guest)
 
     shrinking = watch(guest, daemon, lambda a: a == FLOOR, "the guest to shrink to 1 GiB")
@@ -217,9 +207,11 @@ def test_host_pressure_shrinks_to_the_floor_and_calm_grows_it_back(
     assert stats_period(guest) == 1
     reading = last_update(guest)
     # The guest gave the memory: with deflate-on-oom MemTotal stays, MemAvailable falls.
-    after = meminfo(guest)
+    after = guest.meminfo()
     assert after["MemTotal"] == before["MemTotal"]
-    assert before["MemAvailable"] - after["MemAvailable"] > 900 * MiB, (before, after)
+    # Free pages on the per-CPU lists count (fixtures/guest.py parse_meminfo): Linux 6.12
+    # keeps hundreds of MiB there for seconds after a deflate.
+    assert before["AvailableInclPcp"] - after["AvailableInclPcp"] > 900 * MiB, (before, after)
 
     # Still under pressure for 3 more ticks: the floor holds.
     steady: list[int] = []
@@ -233,7 +225,7 @@ def test_host_pressure_shrinks_to_the_floor_and_calm_grows_it_back(
     write_host(host_meminfo, CALM)
     growing = watch(guest, daemon, lambda a: a == 2 * GiB, "the guest to grow back to 2 GiB")
     assert min(growing) >= FLOOR
-    assert meminfo(guest)["MemAvailable"] > after["MemAvailable"] + 900 * MiB
+    assert guest.meminfo()["AvailableInclPcp"] > after["AvailableInclPcp"] + 900 * MiB
 
     assert daemon.terminate() == 0
     log = daemon.text()
@@ -267,7 +259,8 @@ def test_a_guest_under_its_own_pressure_waits_for_the_host_then_grows(
         timeout=120,
     )
     assert status == 0, out
-    hungry = meminfo(guest)["MemAvailable"]
+    hungry_info = guest.meminfo()
+    hungry = hungry_info["MemAvailable"]  # what the guest reports to the daemon
     assert hungry < 0.6 * FLOOR, hungry
 
     # The host has nothing above host_low and no other guest can give: it holds, and says why.
@@ -293,8 +286,8 @@ def test_a_guest_under_its_own_pressure_waits_for_the_host_then_grows(
     assert grown[-1] <= 2 * GiB
     # The guest sees it: most of what the balloon gave back is available again.
     gain = grown[-1] - FLOOR
-    available = meminfo(guest)["MemAvailable"]
-    assert available > hungry + gain // 2, (hungry, available, gain)
+    available = guest.meminfo()["AvailableInclPcp"]
+    assert available > hungry_info["AvailableInclPcp"] + gain // 2, (hungry_info, available, gain)
 
     assert daemon.terminate() == 0
     assert "Traceback" not in daemon.text()
