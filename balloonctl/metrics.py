@@ -4,19 +4,87 @@ prometheus_client is imported only when the endpoint is on. The registry is the 
 own (not the library's global one, which would also export this process's GC and platform
 collectors under names a dashboard might confuse with the guests'). Series of a VM that is
 no longer managed are removed, so a vanished VM does not report its last values forever.
+
+The guest's own reclaim counters (stats tags 10-15, Linux 6.12+ guests on QEMU 9.2+:
+:data:`GUEST_COUNTERS`) are exported as Prometheus counters with the values the guest
+reports, not counted here: ``rate()`` of them is what the guest did, and a guest reboot is
+an ordinary counter reset. A VM whose guest or QEMU does not report one has no series for
+it (an absent series, never a 0 that would read as "no reclaim").
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final
 
 from balloonctl.errors import UsageError
 from balloonctl.policy import Decision, HostState, Plan, VmState
+from balloonctl.virtio.spec import STAT_NAMES, StatTag
 
 log = logging.getLogger(__name__)
+
+#: Guest statistics exported as per-VM counters: stat name -> (metric family, help). The
+#: exposition adds ``_total`` (prometheus_client's CounterMetricFamily), so byte counters
+#: read ``..._bytes_total`` and counts ``..._total``, as Prometheus' naming guide asks.
+#: Meanings: virtio.spec.EXTENDED_STAT_TAGS (Linux update_balloon_vm_stats).
+GUEST_COUNTERS: Final[Mapping[str, tuple[str, str]]] = {
+    STAT_NAMES[StatTag.OOM_KILLS]: (
+        "balloonctl_vm_oom_kills",
+        "Guest OOM killer kills (Linux vm event oom_kill, stats tag 10)",
+    ),
+    STAT_NAMES[StatTag.ALLOC_STALLS]: (
+        "balloonctl_vm_alloc_stalls",
+        "Guest allocations that entered direct reclaim (allocstall, stats tag 11)",
+    ),
+    STAT_NAMES[StatTag.ASYNC_SCANS]: (
+        "balloonctl_vm_async_scanned_bytes",
+        "Guest memory scanned by kswapd, background reclaim (pgscan_kswapd, stats tag 12)",
+    ),
+    STAT_NAMES[StatTag.DIRECT_SCANS]: (
+        "balloonctl_vm_direct_scanned_bytes",
+        "Guest memory scanned by direct reclaim (pgscan_direct, stats tag 13)",
+    ),
+    STAT_NAMES[StatTag.ASYNC_RECLAIMS]: (
+        "balloonctl_vm_async_reclaimed_bytes",
+        "Guest memory reclaimed by kswapd (pgsteal_kswapd, stats tag 14)",
+    ),
+    STAT_NAMES[StatTag.DIRECT_RECLAIMS]: (
+        "balloonctl_vm_direct_reclaimed_bytes",
+        "Guest memory reclaimed by direct reclaim (pgsteal_direct, stats tag 15)",
+    ),
+}
+
+
+class _GuestCounters:
+    """A prometheus_client collector of the guests' counters as last read.
+
+    The daemon's loop replaces :attr:`values` whole each tick and the HTTP thread reads it
+    once per scrape: a reference swap, so a scrape sees one tick's values, never half.
+    """
+
+    def __init__(self) -> None:
+        #: VM name -> {stat name: value}, only the stats its guest reports.
+        self.values: dict[str, dict[str, int]] = {}
+
+    def _families(self, values: Mapping[str, Mapping[str, int]]) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily  # noqa: PLC0415
+
+        for stat, (name, doc) in GUEST_COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=["vm"])
+            for vm, stats in values.items():
+                if stat in stats:
+                    family.add_metric([vm], stats[stat])
+            yield family
+
+    def describe(self) -> Iterator[Any]:
+        """The families' names, for the registry's duplicate check."""
+        return self._families({})
+
+    def collect(self) -> Iterator[Any]:
+        """One scrape: every VM's last reading."""
+        return self._families(self.values)
 
 
 class Metrics:
@@ -59,6 +127,8 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=reg,
         )
+        self.guest_counters = _GuestCounters()
+        reg.register(self.guest_counters)
         self._vms: set[str] = set()
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
@@ -78,6 +148,8 @@ class Metrics:
     ) -> None:
         """One tick's numbers: the VMs as the tick found them, the targets it decided."""
         seen: set[str] = set()
+        before = self.guest_counters.values
+        counters: dict[str, dict[str, int]] = {}
         for vm in vms:
             seen.add(vm.name)
             self.actual.labels(vm.name).set(vm.actual)
@@ -85,6 +157,15 @@ class Metrics:
             self.maximum.labels(vm.name).set(vm.maximum)
             if vm.stats is not None and "available-memory" in vm.stats:
                 self.available.labels(vm.name).set(vm.stats["available-memory"])
+            if vm.stats is None:
+                # No reading this tick (polling off, none yet): the last one stands, as
+                # the available gauge's does.
+                kept = before.get(vm.name, {})
+            else:
+                kept = {name: vm.stats[name] for name in GUEST_COUNTERS if name in vm.stats}
+            if kept:
+                counters[vm.name] = kept
+        self.guest_counters.values = counters  # VMs gone or without them: no series
         for gone in self._vms - seen:
             for gauge in (self.actual, self.floor, self.maximum, self.available, self.target):
                 _remove(gauge, gone)

@@ -25,17 +25,17 @@ from balloonctl.errors import (
     UsageError,
 )
 from balloonctl.units import PAGE_SIZE, format_size
+from balloonctl.virtio.spec import BYTE_STATS
 
 #: set --wait polls query-balloon this often: completion is seen within tens of ms, not at
 #: the next BALLOON_CHANGE, which QEMU throttles to one a second.
 POLL_S: Final = 0.02
 #: stats turns polling on at this period when it is off.
 DEFAULT_PERIOD_S: Final = 2
-#: Stats whose values are memory sizes (bytes); the rest are counts.
-MEMORY_STATS: Final = frozenset(
-    {"free-memory", "total-memory", "available-memory", "disk-caches", "swap-in", "swap-out"}
-)
-#: How a person reads the stats: memory first, then paging, then hugetlb.
+#: Stats whose values are bytes (shown as sizes); the rest are counts (virtio.spec says why).
+MEMORY_STATS: Final = BYTE_STATS
+#: How a person reads the stats: memory first, then paging, then reclaim from the mildest
+#: (kswapd's) to the worst (an OOM kill; tags 10-15, Linux 6.12+ on QEMU 9.2+), then hugetlb.
 STAT_ORDER: Final = (
     "total-memory",
     "free-memory",
@@ -45,6 +45,12 @@ STAT_ORDER: Final = (
     "swap-out",
     "major-faults",
     "minor-faults",
+    "async-scans",
+    "async-reclaims",
+    "direct-scans",
+    "direct-reclaims",
+    "alloc-stalls",
+    "oom-kills",
     "htlb-pgalloc",
     "htlb-pgfail",
 )
@@ -290,12 +296,16 @@ async def _wait_for(
 
 # --- stats --------------------------------------------------------------------------------------
 def stats_report(vm: str, reading: GuestStats) -> dict[str, Any]:
-    """DESIGN.md's ``stats`` object."""
-    return {"vm": vm, "last_update": reading.last_update, "stats": reading.stats}
+    """DESIGN.md's ``stats`` object; ``unavailable`` ({NAME: why}) only when the backend
+    knows statistics it could not read (libvirt without QMP passthrough)."""
+    report: dict[str, Any] = {"vm": vm, "last_update": reading.last_update, "stats": reading.stats}
+    if reading.unavailable:
+        report["unavailable"] = reading.unavailable
+    return report
 
 
 def render_stats(report: dict[str, Any]) -> str:
-    """One stat a line, sizes in binary units."""
+    """One stat a line, sizes in binary units; what could not be read, and why, below."""
     last = report["last_update"]
     age = f"{max(0.0, time.time() - last):.1f} s ago" if last else "never"
     lines = [f"VM        {report['vm']}", f"updated   {age}"]
@@ -303,6 +313,11 @@ def render_stats(report: dict[str, Any]) -> str:
     for name, value in sorted(report["stats"].items(), key=lambda kv: order.get(kv[0], 99)):
         shown = format_size(value) if name in MEMORY_STATS else str(value)
         lines.append(f"{name:<18}{shown:>14}")
+    why_names: dict[str, list[str]] = {}
+    for name, why in report.get("unavailable", {}).items():
+        why_names.setdefault(why, []).append(name)
+    for why, names in why_names.items():
+        lines.append(f"not available: {', '.join(names)}: {why}")
     return "\n".join(lines) + "\n"
 
 

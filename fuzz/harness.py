@@ -850,6 +850,7 @@ def qmp_replies(data: bytes) -> None:
         candidates.extend(v for k, v in reply.items() if k in ("return", "status", "stats"))
     decoders: list[Callable[[object], object]] = [
         qmpvocab.decode_guest_stats,
+        qmpvocab.names_extended_stats,
         qmpvocab.profile_hint,
         qmpvocab.device_status_names,
         qmpvocab.locate_balloon,
@@ -866,6 +867,8 @@ def qmp_replies(data: bytes) -> None:
                 continue
             if decode is qmpvocab.decode_guest_stats:
                 _check_stats(out)
+            elif decode is qmpvocab.names_extended_stats:
+                _check(isinstance(out, bool), f"names_extended_stats: {out!r}")
 
 
 def libvirt_stats(data: bytes) -> None:

@@ -16,7 +16,7 @@ from balloonctl.cli import main
 from balloonctl.units import PAGE_SIZE
 from balloonctl.virtio import spec
 from balloonctl.virtio.memory import GuestMemory
-from balloonctl.virtio.mock import MockDriverQueue, RingLayout, pfn_array
+from balloonctl.virtio.mock import MockDriverQueue, RingLayout, pfn_array, stats_buffer
 
 NEXT = spec.VIRTQ_DESC_F_NEXT
 WRITE = spec.VIRTQ_DESC_F_WRITE
@@ -106,6 +106,33 @@ def test_parse_sg_with_indirect_tail_lists_table_entries(
         (1, 0x30000),
     ]
     assert chains[0]["pages"] == [[0x10, 1], [0x20, 2], [0x30, 1]]
+
+
+def test_parse_stats_names_linux_6_12_tags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entries = [(spec.StatTag.MEMFREE, 5 * PAGE_SIZE), (99, 1)]
+    entries += [(tag, 7 * int(tag)) for tag in spec.EXTENDED_STAT_TAGS]
+
+    def build(drv: MockDriverQueue, mem: GuestMemory) -> None:
+        mem.write(0x4000, stats_buffer(entries))
+        drv.add_chain([(0x4000, len(entries) * spec.STAT_SIZE, False)])
+
+    path, layout = image(tmp_path, 1 << 20, 16, build)
+    code, out = run(capsys, path, layout, "--decode", "stats")
+    assert code == 0
+    (chain,) = out["chains"]
+    assert chain["stats"] == {
+        "free-memory": 5 * PAGE_SIZE,
+        "tag-99": 1,
+        "oom-kills": 70,
+        "alloc-stalls": 77,
+        "async-scans": 84,
+        "direct-scans": 91,
+        "async-reclaims": 98,
+        "direct-reclaims": 105,
+    }
+    assert chain["rejected"] == [] and out["error"] is None
 
 
 def test_parse_stops_at_first_error_with_exit_3(

@@ -6,7 +6,8 @@ nothing above it knows which library is underneath. Every failure is a
 :class:`~balloonctl.errors.BalloonError`: ``VmUnreachable``/``ConnectionLost`` when the VM
 cannot be talked to, ``CommandFailed`` when it refuses, ``PeerError`` when it answers
 nonsense. Backends import only ``errors``, ``units`` and their own library (DESIGN.md),
-plus ``virtio.features`` for decoding feature words, which has no I/O.
+plus ``virtio.features`` for decoding feature words and ``virtio.spec`` for the stat
+names, pure tables without I/O.
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ class GuestStats:
     """One reading of the guest's statistics.
 
     ``stats`` maps DESIGN.md names (``free-memory``, ``available-memory``, ``total-memory``,
-    ``disk-caches``, ``swap-in``, ...) to bytes (memory) or counts (faults, hugetlb);
-    statistics the guest does not report are absent, never -1. ``last_update`` is the
-    guest's timestamp of the reading (Unix seconds), 0 if it never reported.
+    ``disk-caches``, ``swap-in``, ... ``oom-kills``, ``direct-reclaims``) to bytes or counts
+    (``virtio.spec.BYTE_STATS`` says which); statistics the guest or the hypervisor does not
+    report are absent, never -1 or a made-up 0. ``last_update`` is the guest's timestamp of
+    the reading (Unix seconds), 0 if it never reported.
+
+    ``unavailable`` names statistics the backend knows it could not read, with why (libvirt
+    without QMP passthrough cannot see tags 10-15); empty when nothing is missing for a
+    reason worth telling (a QEMU or a guest that simply has no such statistic).
     """
 
     last_update: int
     stats: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

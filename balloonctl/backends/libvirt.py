@@ -26,6 +26,14 @@ What this module adds to libvirt-python, and why:
   domain "tainted: custom-monitor" the first time; that is a log line, nothing more. Drivers
   without passthrough (``test:///``, remote non-QEMU hypervisors) refuse with
   :class:`CommandFailed` (see :data:`NO_PASSTHROUGH`).
+* **The guest statistics libvirt does not know.** libvirt's virDomainMemoryStats has
+  thirteen tags (VIR_DOMAIN_MEMORY_STAT_NR = 13 in libvirt 9.0 and 11.3 alike), and its
+  QEMU driver reads only QEMU's first ten ``stat-*`` names (src/qemu/qemu_monitor_json.c
+  qemuMonitorJSONGetMemoryStats, GET_BALLOON_STATS): Linux 6.12's tags 10-15 (``oom-kills``
+  ... ``direct-reclaims``), which QEMU 9.2+ shows, are dropped there. :meth:`stats`
+  therefore reads them from QEMU's own ``qom-get guest-stats`` through the passthrough,
+  once the domain's QEMU is known to name them, and says why they are missing where the
+  driver cannot pass QMP through (:data:`NO_EXTENDED_STATS`).
 
 Domains are named by name or UUID on any URI: ``qemu:///system``, ``qemu:///session``,
 ``qemu+ssh://user@host/system`` (guest memory is read with ``virDomainMemoryPeek``, which
@@ -46,7 +54,7 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
 import libvirt
@@ -59,7 +67,9 @@ from balloonctl.backends.qmpvocab import (
     QmpVocabulary,
     RemovalWait,
     _ReplugPlan,
+    decode_guest_stats,
     is_idempotent,
+    names_extended_stats,
 )
 from balloonctl.errors import (
     BalloonError,
@@ -70,13 +80,15 @@ from balloonctl.errors import (
     UsageError,
     VmUnreachable,
 )
+from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: libvirt's memoryStats keys -> (DESIGN.md name, multiplier to bytes or counts). ``actual``,
 #: ``rss`` and ``last_update`` are not guest statistics and are handled apart.
-#: (src/libvirt-domain.c VIR_DOMAIN_MEMORY_STAT_*; qemu_driver.c qemuDomainMemoryStats)
+#: (src/libvirt-domain.c VIR_DOMAIN_MEMORY_STAT_*; qemu_driver.c qemuDomainMemoryStats.)
+#: libvirt has no key for stats tags 10-15: :meth:`LibvirtBackend.stats` reads those from QEMU.
 STAT_NAMES: Final[Mapping[str, tuple[str, int]]] = {
     "swap_in": ("swap-in", 1024),
     "swap_out": ("swap-out", 1024),
@@ -89,6 +101,12 @@ STAT_NAMES: Final[Mapping[str, tuple[str, int]]] = {
     "hugetlb_pgalloc": ("htlb-pgalloc", 1),
     "hugetlb_pgfail": ("htlb-pgfail", 1),
 }
+
+#: Why the statistics of tags 10-15 are missing under a driver without QMP passthrough.
+NO_EXTENDED_STATS: Final = (
+    "libvirt's memoryStats has no such statistic (libvirt knows QEMU's first ten) and this "
+    "libvirt driver ({driver}) cannot pass QMP through to read it from QEMU"
+)
 
 #: One line for every driver that cannot pass QMP through.
 NO_PASSTHROUGH: Final = (
@@ -509,6 +527,11 @@ class LibvirtBackend(QmpVocabulary):
         self._connect_lock = asyncio.Lock()
         self._location = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Whether this session's QEMU names tags 10-15 in guest-stats (None: not asked
+        #: yet); False is remembered, so a QEMU 7.2 costs one passthrough call, not one a
+        #: tick, and ``_extended_missing`` says why when it is worth saying.
+        self._extended_stats: bool | None = None
+        self._extended_missing: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"LibvirtBackend({self.name!r}, {self.uri!r})"
@@ -630,6 +653,7 @@ class LibvirtBackend(QmpVocabulary):
             await _libvirt_thread().call(lambda: self._watch_close(session))
             self._session = session
             self._location = None
+            self._extended_stats = None  # another QEMU may be behind the domain now
             return session
 
     async def _open_until(self, deadline: float) -> tuple[libvirt.virConnect, libvirt.virDomain]:
@@ -729,9 +753,56 @@ class LibvirtBackend(QmpVocabulary):
         )
 
     async def stats(self) -> GuestStats:
-        """``memoryStats()`` normalized: DESIGN.md names, bytes (:func:`normalize_stats`)."""
-        raw = await self._call("memoryStats", lambda d: d.memoryStats(), idempotent=True)
-        return normalize_stats(raw)
+        """``memoryStats()`` normalized (DESIGN.md names, bytes: :func:`normalize_stats`),
+        with tags 10-15 from QEMU's ``guest-stats`` through the passthrough.
+
+        libvirt's memoryStats drops them (see the module's docstring), and a libvirt user
+        asking for the guest's statistics expects what the guest reports, as over QMP. Both
+        reads are of one guest update: when a new one arrived between them, memoryStats is
+        read again, and if they still differ the six are left out of this reading rather
+        than mixed in from another. A QEMU that does not name them (before 9.2) is asked
+        once per connection; a driver without passthrough gets :data:`NO_EXTENDED_STATS`
+        in ``unavailable``.
+        """
+        reading = normalize_stats(await self._memory_stats())
+        if self._extended_stats is False:
+            return replace(reading, unavailable=dict(self._extended_missing))
+        try:
+            reply = await self._guest_stats_reply()
+        except NoQmpCarrier:
+            session = self._session
+            driver = await _libvirt_thread().call(lambda: self._driver_name(session))
+            why = NO_EXTENDED_STATS.format(driver=driver)
+            self._extended_stats = False
+            self._extended_missing = {name: why for name in EXTENDED_STAT_NAMES}
+            return replace(reading, unavailable=dict(self._extended_missing))
+        except CommandFailed as exc:
+            # memoryStats answered; say why the rest is missing, and ask again next time.
+            why = f"QEMU's guest-stats through libvirt failed: {exc}"
+            return replace(reading, unavailable={name: why for name in EXTENDED_STAT_NAMES})
+        if not names_extended_stats(reply):
+            self._extended_stats = False  # QEMU before 9.2: it has no such statistics
+            self._extended_missing = {}
+            return reading
+        self._extended_stats = True
+        qemu = decode_guest_stats(reply)
+        if qemu.last_update != reading.last_update:
+            reading = normalize_stats(await self._memory_stats())
+            if qemu.last_update != reading.last_update:
+                _LOG.debug(
+                    "%s: guest stats moved between memoryStats and guest-stats; "
+                    "tags 10-15 left out of this reading",
+                    self.name,
+                )
+                return reading
+        extended = {name: qemu.stats[name] for name in EXTENDED_STAT_NAMES if name in qemu.stats}
+        return replace(reading, stats={**reading.stats, **extended})
+
+    async def _memory_stats(self) -> Mapping[str, int]:
+        raw: Mapping[str, int] = await self._call(
+            "memoryStats", lambda d: d.memoryStats(), idempotent=True
+        )
+        return raw
 
     async def stats_period(self) -> int:
         """The period of the live XML's ``<memballoon><stats period=.../>`` (0: off)."""
@@ -939,6 +1010,7 @@ class LibvirtBackend(QmpVocabulary):
 
 
 __all__ = [
+    "NO_EXTENDED_STATS",
     "NO_PASSTHROUGH",
     "PEEK_CHUNK",
     "STAT_NAMES",

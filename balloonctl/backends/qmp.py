@@ -865,8 +865,7 @@ class QmpBackend(QmpVocabulary):
 
     async def stats(self) -> GuestStats:
         """``qom-get guest-stats`` of the balloon, normalized (:func:`decode_guest_stats`)."""
-        location = await self._locate()
-        return decode_guest_stats(await self._qom_get(location.device, "guest-stats"))
+        return decode_guest_stats(await self._guest_stats_reply())
 
     async def stats_period(self) -> int:
         """``guest-stats-polling-interval`` in seconds (0: off)."""

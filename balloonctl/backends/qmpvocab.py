@@ -39,6 +39,7 @@ from balloonctl.errors import (
     UsageError,
 )
 from balloonctl.virtio.features import get_profile, parse_qemu_features
+from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 
 _LOG = logging.getLogger(__name__)
 
@@ -167,6 +168,11 @@ def decode_guest_stats(reply: object) -> GuestStats:
     (hw/virtio/virtio-balloon.c balloon_stats_get_all). Names lose ``stat-`` (DESIGN.md),
     statistics the guest does not report (-1) are dropped, and anything that is not a
     non-negative integer is a :class:`PeerError`: a daemon must not act on a guessed number.
+
+    Every name QEMU gives is kept, so tags 10-15 (``stat-oom-kills`` ...
+    ``stat-direct-reclaims``, QEMU 9.2+) come through as ``oom-kills`` ... ``direct-reclaims``
+    when a Linux 6.12+ guest sends them; QEMU 7.2 has no such names and an older guest leaves
+    them at -1, and either way they are absent, not zero.
     """
     obj = _as_object(reply, "qom-get guest-stats")
     last_update = _int_member(obj, "last-update", "qom-get guest-stats")
@@ -182,6 +188,13 @@ def decode_guest_stats(reply: object) -> GuestStats:
             raise PeerError(f"qom-get guest-stats: {key!r} is negative ({value})")
         stats[key.removeprefix("stat-")] = value
     return GuestStats(last_update=last_update, stats=stats)
+
+
+def names_extended_stats(reply: object) -> bool:
+    """Whether a ``qom-get guest-stats`` reply has the names of tags 10-15 at all (QEMU 9.2
+    and later name them, -1 until a Linux 6.12+ guest sends them; QEMU 7.2 does not)."""
+    raw = _as_object(reply, "qom-get guest-stats").get("stats")
+    return isinstance(raw, dict) and any(f"stat-{name}" in raw for name in EXTENDED_STAT_NAMES)
 
 
 def profile_hint(reply: object) -> str | None:
@@ -412,6 +425,12 @@ class QmpVocabulary:
 
     async def _qom_get(self, path: str, prop: str) -> object:
         return await self._execute("qom-get", {"path": path, "property": prop})
+
+    async def _guest_stats_reply(self) -> object:
+        """The balloon's ``qom-get guest-stats`` reply, undecoded (:func:`decode_guest_stats`,
+        :func:`names_extended_stats`)."""
+        location = await self._locate()
+        return await self._qom_get(location.device, "guest-stats")
 
     async def _locate(self) -> BalloonLocation:
         """The balloon's QOM paths: from x-query-virtio, else /machine/peripheral/balloon0."""

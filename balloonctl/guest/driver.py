@@ -91,6 +91,41 @@ class Transport(Protocol):
 
 
 @dataclass
+class VmEvents:
+    """The guest kernel's vm event counters that update_balloon_stats reads (all_vm_events;
+    /proc/vmstat's names), in pages or events as the kernel keeps them. They only grow.
+
+    The driver converts them as Linux 6.12's update_balloon_vm_stats does (pages_to_bytes for
+    the swap, scan and reclaim pages; counts as they are): see :data:`spec.EXTENDED_STAT_TAGS`
+    for what each of the newer six means. A guest that never swaps or reclaims (the testbed's)
+    has them all at zero, which is the truth about it.
+    """
+
+    pswpin: int = 0  # VIRTIO_BALLOON_S_SWAP_IN, pages
+    pswpout: int = 0  # VIRTIO_BALLOON_S_SWAP_OUT, pages
+    pgmajfault: int = 0  # VIRTIO_BALLOON_S_MAJFLT
+    pgfault: int = 0  # VIRTIO_BALLOON_S_MINFLT
+    oom_kill: int = 0  # VIRTIO_BALLOON_S_OOM_KILL: the OOM killer's victims
+    allocstall: int = 0  # VIRTIO_BALLOON_S_ALLOC_STALL: entries into direct reclaim (all zones)
+    pgscan_kswapd: int = 0  # VIRTIO_BALLOON_S_ASYNC_SCAN, pages
+    pgscan_direct: int = 0  # VIRTIO_BALLOON_S_DIRECT_SCAN, pages
+    pgsteal_kswapd: int = 0  # VIRTIO_BALLOON_S_ASYNC_RECLAIM, pages
+    pgsteal_direct: int = 0  # VIRTIO_BALLOON_S_DIRECT_RECLAIM, pages
+    htlb_buddy_pgalloc: int = 0  # VIRTIO_BALLOON_S_HTLB_PGALLOC
+    htlb_buddy_pgalloc_fail: int = 0  # VIRTIO_BALLOON_S_HTLB_PGFAIL
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    """What update_balloon_stats takes from si_meminfo/si_mem_available, in bytes."""
+
+    free: int  # VIRTIO_BALLOON_S_MEMFREE: MemFree
+    total: int  # VIRTIO_BALLOON_S_MEMTOT: MemTotal
+    available: int  # VIRTIO_BALLOON_S_AVAIL: MemAvailable
+    caches: int  # VIRTIO_BALLOON_S_CACHES: reclaimable page cache
+
+
+@dataclass
 class StageTimes:
     """The seed's breakdown of an inflate, guest side (the device times its own stages)."""
 
@@ -158,9 +193,11 @@ class BalloonDriver:
         features: Sequence[str] | None = None,
         indirect_entries: int = 16,
         sg_indirect: bool = False,
+        extended_stats: bool = True,
     ) -> None:
         """``sg_indirect`` sends an SG request that fits one indirect table through it
-        (Linux's virtqueue_add_sgs), instead of the seed's direct chain."""
+        (Linux's virtqueue_add_sgs), instead of the seed's direct chain. ``extended_stats``
+        sends stats tags 10-15 as Linux 6.12 and later do; False is an older kernel's ten."""
         self.mem = mem
         self.allocator = allocator
         self.transport = transport
@@ -174,6 +211,7 @@ class BalloonDriver:
         self.supported = profile.encode(wanted)
         self.indirect_entries = indirect_entries
         self.sg_indirect = sg_indirect
+        self.extended_stats = extended_stats
         #: When a list, every request is appended as (queue, runs): what the driver meant.
         self.record: list[tuple[BalloonQueue, RangeArray]] | None = None
         self.acked = 0
@@ -389,22 +427,50 @@ class BalloonDriver:
         return new_pfn
 
     # --- stats (stats_request / update_balloon_stats) ---------------------------------------
-    def stats_values(self) -> list[tuple[int, int]]:
-        """What update_balloon_stats reports, from the model's allocator."""
+    def vm_events(self) -> VmEvents:
+        """The guest's vm event counters (a hook: the testbed's guest never swaps, faults in
+        the kernel's sense or reclaims, so all are zero; the simulated VM's guest counts)."""
+        return VmEvents()
+
+    def meminfo(self) -> MemInfo:
+        """MemFree, MemTotal, MemAvailable and the page cache, in bytes (a hook). The
+        testbed's guest has no page cache: what is free is what is available."""
         free = self.allocator.count(PageState.FREE) * PAGE_SIZE
-        total = self.allocator.total_pages * PAGE_SIZE
-        return [
-            (StatTag.SWAP_IN, 0),
-            (StatTag.SWAP_OUT, 0),
-            (StatTag.MAJFLT, 0),
-            (StatTag.MINFLT, 0),
-            (StatTag.MEMFREE, free),
-            (StatTag.MEMTOT, total),
-            (StatTag.AVAIL, free),
-            (StatTag.CACHES, 0),
-            (StatTag.HTLB_PGALLOC, 0),
-            (StatTag.HTLB_PGFAIL, 0),
+        return MemInfo(
+            free=free, total=self.allocator.total_pages * PAGE_SIZE, available=free, caches=0
+        )
+
+    def stats_values(self) -> list[tuple[int, int]]:
+        """update_balloon_stats, in Linux 6.12's order and units: the vm events first
+        (update_balloon_vm_stats: swap in bytes, faults, then tags 10-15 when
+        ``extended_stats``, then hugetlb), then the memory sizes. pages_to_bytes is
+        ``pages << PAGE_SHIFT``; counts go out as they are."""
+        ev = self.vm_events()
+        values: list[tuple[int, int]] = [
+            (StatTag.SWAP_IN, ev.pswpin << PAGE_SHIFT),
+            (StatTag.SWAP_OUT, ev.pswpout << PAGE_SHIFT),
+            (StatTag.MAJFLT, ev.pgmajfault),
+            (StatTag.MINFLT, ev.pgfault),
         ]
+        if self.extended_stats:
+            values += [
+                (StatTag.OOM_KILLS, ev.oom_kill),
+                (StatTag.ALLOC_STALLS, ev.allocstall),
+                (StatTag.ASYNC_SCANS, ev.pgscan_kswapd << PAGE_SHIFT),
+                (StatTag.DIRECT_SCANS, ev.pgscan_direct << PAGE_SHIFT),
+                (StatTag.ASYNC_RECLAIMS, ev.pgsteal_kswapd << PAGE_SHIFT),
+                (StatTag.DIRECT_RECLAIMS, ev.pgsteal_direct << PAGE_SHIFT),
+            ]
+        info = self.meminfo()
+        values += [
+            (StatTag.HTLB_PGALLOC, ev.htlb_buddy_pgalloc),
+            (StatTag.HTLB_PGFAIL, ev.htlb_buddy_pgalloc_fail),
+            (StatTag.MEMFREE, info.free),
+            (StatTag.MEMTOT, info.total),
+            (StatTag.AVAIL, info.available),
+            (StatTag.CACHES, info.caches),
+        ]
+        return values
 
     def _send_stats(self) -> None:
         data = b"".join(spec.STAT_STRUCT.pack(tag, value) for tag, value in self.stats_values())

@@ -56,6 +56,11 @@ class VmSpec:
     #: The balloon's bus: on a pcie-root-port it can be replugged; on pcie.0 it cannot.
     hotplug: bool = True
     boot_probe_s: float = 0.2
+    #: Whether ``guest-stats`` names the six statistics of tags 10-15 (``stat-oom-kills``
+    #: ... ``stat-direct-reclaims``, spec.EXTENDED_STAT_NAMES), as QEMU 9.2 and later do;
+    #: False is QEMU 7.2's ten. The guest always sends them (its driver is Linux 6.12's);
+    #: like QEMU, a device that does not know a tag drops it.
+    extended_stats: bool = True
 
 
 def default_props(profile: str, *, plugged: bool = False) -> dict[str, bool]:
@@ -353,5 +358,9 @@ class SimMachine:
     # --- for qom.py -------------------------------------------------------------------------------
     @property
     def stat_names(self) -> tuple[str, ...]:
-        """QEMU 7.2's balloon_stat_names (VIRTIO_BALLOON_S_NR = 10)."""
-        return tuple(f"stat-{spec.STAT_NAMES[tag]}" for tag in range(10))
+        """balloon_stat_names, in tag order: QEMU 7.2's ten (VIRTIO_BALLOON_S_NR = 10), or
+        QEMU 9.2+'s sixteen when ``VmSpec.extended_stats``."""
+        tags = spec.CLASSIC_STAT_TAGS
+        if self.spec.extended_stats:
+            tags += spec.EXTENDED_STAT_TAGS
+        return tuple(f"stat-{spec.STAT_NAMES[tag]}" for tag in tags)

@@ -153,7 +153,13 @@ STAT_SIZE: Final = STAT_STRUCT.size  # 10
 
 
 class StatTag(IntEnum):
-    """5.5.6.4 Memory Statistics Tags; 10-15 added by Linux 6.12 (uapi virtio_balloon.h)."""
+    """5.5.6.4 Memory Statistics Tags (0-9); 10-15 are Linux's, not the virtio 1.2 spec's.
+
+    Tags 10-15 came with Linux 6.12 (include/uapi/linux/virtio_balloon.h,
+    VIRTIO_BALLOON_S_OOM_KILL ... VIRTIO_BALLOON_S_DIRECT_RECLAIM, VIRTIO_BALLOON_S_NR 16;
+    zhenwei pi's three "virtio_balloon: introduce ..." commits, merged for 6.12). What each
+    one counts is in :data:`EXTENDED_STAT_TAGS`.
+    """
 
     SWAP_IN = 0
     SWAP_OUT = 1
@@ -174,7 +180,8 @@ class StatTag(IntEnum):
 
 
 #: The names QEMU gives the stats in ``guest-stats`` (without its ``stat-`` prefix), which
-#: are the names balloonctl prints. Memory amounts are in bytes (5.5.6.4: "in bytes").
+#: are the names balloonctl prints (hw/virtio/virtio-balloon.c balloon_stat_names; tags
+#: 10-15 named there since QEMU 9.2). Memory amounts are in bytes (5.5.6.4: "in bytes").
 STAT_NAMES: Final[dict[int, str]] = {
     StatTag.SWAP_IN: "swap-in",
     StatTag.SWAP_OUT: "swap-out",
@@ -193,3 +200,66 @@ STAT_NAMES: Final[dict[int, str]] = {
     StatTag.ASYNC_RECLAIMS: "async-reclaims",
     StatTag.DIRECT_RECLAIMS: "direct-reclaims",
 }
+
+#: The tags of the virtio 1.1/1.2 spec (5.5.6.4), all a QEMU before 9.2 knows: its
+#: VIRTIO_BALLOON_S_NR is 10, and balloon_stats_poll_cb keeps a tag only ``if (tag <
+#: VIRTIO_BALLOON_S_NR)``, so a Linux 6.12 guest's tags 10-15 are dropped there unseen.
+CLASSIC_STAT_TAGS: Final = tuple(StatTag(tag) for tag in range(10))
+
+#: Linux 6.12's six guest statistics, in tag order. Meaning and unit, from
+#: drivers/virtio/virtio_balloon.c update_balloon_vm_stats() (Linux 6.12), which reads the
+#: guest's global vm event counters (all_vm_events, /proc/vmstat's names in brackets):
+#:
+#: * 10 ``oom-kills``: events[OOM_KILL] [oom_kill], the OOM killer's kills, one per victim
+#:   (mm/oom_kill.c __oom_kill_process; memory-cgroup OOMs included). A count. An OOM that
+#:   a notifier satisfied (virtio_balloon's deflate-on-OOM) kills nobody and is not counted.
+#: * 11 ``alloc-stalls``: the sum over every zone of events[ALLOCSTALL_*] [allocstall_*],
+#:   the times an allocating task entered direct reclaim itself (mm/vmscan.c
+#:   do_try_to_free_pages), whether or not it freed anything. A count.
+#: * 12 ``async-scans``: pages_to_bytes(events[PGSCAN_KSWAPD]) [pgscan_kswapd], memory
+#:   kswapd (background reclaim) scanned. Bytes.
+#: * 13 ``direct-scans``: pages_to_bytes(events[PGSCAN_DIRECT]) [pgscan_direct], memory
+#:   allocating tasks scanned in direct reclaim. Bytes.
+#: * 14 ``async-reclaims``: pages_to_bytes(events[PGSTEAL_KSWAPD]) [pgsteal_kswapd], memory
+#:   kswapd reclaimed. Bytes.
+#: * 15 ``direct-reclaims``: pages_to_bytes(events[PGSTEAL_DIRECT]) [pgsteal_direct], memory
+#:   direct reclaim reclaimed. Bytes.
+#:
+#: All six only grow (until the guest reboots). The PGSCAN/PGSTEAL events are not counted
+#: for memory-cgroup reclaim in 6.12 (``if (!cgroup_reclaim(sc))`` in mm/vmscan.c); a later
+#: patch ("mm: move pgscan, pgsteal, pgrefill to node stats", v4 posted February 2026) has
+#: the driver read them with global_node_page_state() and counts cgroup reclaim too; the
+#: tags and units stay.
+#: QEMU before 9.2 does not show them; QEMU 9.2+ shows all sixteen names, -1 for what the
+#: guest did not send (a kernel before 6.12).
+EXTENDED_STAT_TAGS: Final = (
+    StatTag.OOM_KILLS,
+    StatTag.ALLOC_STALLS,
+    StatTag.ASYNC_SCANS,
+    StatTag.DIRECT_SCANS,
+    StatTag.ASYNC_RECLAIMS,
+    StatTag.DIRECT_RECLAIMS,
+)
+#: Their names (``oom-kills`` ... ``direct-reclaims``): the one list of them in balloonctl.
+EXTENDED_STAT_NAMES: Final = tuple(STAT_NAMES[tag] for tag in EXTENDED_STAT_TAGS)
+
+#: The statistics whose values are bytes; the others are counts. Linux converts pages with
+#: pages_to_bytes() for SWAP_IN/SWAP_OUT (PSWPIN/PSWPOUT) and tags 12-15, and reports
+#: MEMFREE/MEMTOT/AVAIL/CACHES from sysinfo and page counts in bytes; MAJFLT, MINFLT,
+#: HTLB_PGALLOC, HTLB_PGFAIL, OOM_KILL and ALLOC_STALL are plain event counts
+#: (update_balloon_vm_stats, update_balloon_stats).
+BYTE_STATS: Final = frozenset(
+    STAT_NAMES[tag]
+    for tag in (
+        StatTag.SWAP_IN,
+        StatTag.SWAP_OUT,
+        StatTag.MEMFREE,
+        StatTag.MEMTOT,
+        StatTag.AVAIL,
+        StatTag.CACHES,
+        StatTag.ASYNC_SCANS,
+        StatTag.DIRECT_SCANS,
+        StatTag.ASYNC_RECLAIMS,
+        StatTag.DIRECT_RECLAIMS,
+    )
+)

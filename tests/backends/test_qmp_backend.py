@@ -31,6 +31,7 @@ from balloonctl.backends.qmp import (
     is_idempotent,
     locate_balloon,
 )
+from balloonctl.backends.qmpvocab import names_extended_stats
 from balloonctl.errors import (
     BalloonError,
     CommandFailed,
@@ -40,6 +41,7 @@ from balloonctl.errors import (
     UsageError,
     VmUnreachable,
 )
+from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 from tests.backends.hostile_peer import (
     GREETING_7_2,
     STATUS_STRINGS,
@@ -740,9 +742,68 @@ def test_stats_normalized(sock: str) -> None:
     }
 
 
+#: What QEMU 9.2+ adds to guest-stats (hw/virtio/virtio-balloon.c balloon_stat_names).
+QEMU_EXTENDED_NAMES: Final = (
+    "stat-oom-kills",
+    "stat-alloc-stalls",
+    "stat-async-scans",
+    "stat-direct-scans",
+    "stat-async-reclaims",
+    "stat-direct-reclaims",
+)
+
+
+def test_stats_of_a_linux_6_12_guest_on_qemu_10(sock: str) -> None:
+    vm = FakeQemu()
+    vm.stats = {
+        **vm.stats,
+        "stat-oom-kills": 3,
+        "stat-alloc-stalls": 41,
+        "stat-async-scans": 1_048_576_000,
+        "stat-direct-scans": 73_400_320,
+        "stat-async-reclaims": 943_718_400,
+        "stat-direct-reclaims": 52_428_800,
+    }
+    stats, _ = session(sock, lambda b, p: b.stats(), vm=vm)
+    assert {name: stats.stats[name] for name in EXTENDED_STAT_NAMES} == {
+        "oom-kills": 3,
+        "alloc-stalls": 41,
+        "async-scans": 1_048_576_000,
+        "direct-scans": 73_400_320,
+        "async-reclaims": 943_718_400,
+        "direct-reclaims": 52_428_800,
+    }
+    assert stats.stats["free-memory"] == vm.stats["stat-free-memory"]  # the ten as before
+    assert len(stats.stats) == 16
+    assert stats.unavailable == {}
+
+
+def test_stats_of_an_older_guest_on_qemu_10_leave_the_six_out(sock: str) -> None:
+    """QEMU 9.2+ names all sixteen, -1 until the guest sends one (reset_stats): a Linux 6.1
+    guest's reading has no oom-kills at all, not oom-kills 0."""
+    vm = FakeQemu()
+    vm.stats = {**vm.stats, **dict.fromkeys(QEMU_EXTENDED_NAMES[:3], -1)}
+    vm.stats.update(dict.fromkeys(QEMU_EXTENDED_NAMES[3:], (1 << 64) - 1))
+    stats, _ = session(sock, lambda b, p: b.stats(), vm=vm)
+    assert not set(EXTENDED_STAT_NAMES) & set(stats.stats)
+    assert stats.stats["total-memory"] == vm.stats["stat-total-memory"]
+
+
+def test_names_extended_stats_tells_qemu_9_2_from_7_2() -> None:
+    ten = {"stat-free-memory": 1, "stat-htlb-pgfail": 0}
+    assert not names_extended_stats({"stats": ten, "last-update": 1})
+    for name in QEMU_EXTENDED_NAMES:
+        assert names_extended_stats({"stats": {**ten, name: -1}, "last-update": 1})
+    assert not names_extended_stats({"stats": [], "last-update": 1})
+    with pytest.raises(PeerError):
+        names_extended_stats("stats")
+
+
 @pytest.mark.parametrize(
     "reply",
     [
+        {"stats": {"stat-oom-kills": -3}, "last-update": 1},
+        {"stats": {"stat-direct-reclaims": 1.5}, "last-update": 1},
         {"stats": {"stat-free-memory": "12"}, "last-update": 1},
         {"stats": {"stat-free-memory": True}, "last-update": 1},
         {"stats": {"stat-free-memory": -7}, "last-update": 1},

@@ -25,7 +25,10 @@ from typing import Any
 
 import pytest
 
+from balloonctl.backends.base import GuestStats
 from balloonctl.units import format_size
+from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
+from balloonctl.vmcmds import render_stats, stats_report
 from tests.cli.conftest import (
     RawQmpClient,
     Sim,
@@ -867,6 +870,59 @@ def test_stats_text(shared_sim: Sim) -> None:
     rows = {line.split()[0]: line.split(None, 1)[1].strip() for line in lines[2:]}
     assert rows["total-memory"] == "512 MiB"
     assert set(MEMORY_STATS) <= set(rows)
+
+
+SIZE = re.compile(r"^\d+(\.\d+)? (B|KiB|MiB|GiB)$")
+
+
+def test_stats_text_shows_the_linux_6_12_six_with_their_units(shared_sim: Sim) -> None:
+    """The simulated guest is a Linux 6.12 on a QEMU that names tags 10-15 (9.2+): they
+    are rows like the others, byte amounts as sizes and counts as numbers, between the
+    faults and hugetlb, from the mildest reclaim to an OOM kill."""
+    result = run_cli("stats", shared_sim.sock, "--period", "1")
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    rows = {
+        line.split()[0]: line.split(None, 1)[1].strip() for line in result.stdout.splitlines()[2:]
+    }
+    for name in ("async-scans", "async-reclaims", "direct-scans", "direct-reclaims"):
+        assert SIZE.match(rows[name]), (name, rows[name])
+    for name in ("alloc-stalls", "oom-kills"):
+        assert rows[name].isdigit(), (name, rows[name])
+    assert rows["oom-kills"] == "0"  # an idle guest killed nothing
+    six = [n for n in names if n in EXTENDED_STAT_NAMES]
+    mildest_first = ("async-scans", "async-reclaims", "direct-scans", "direct-reclaims")
+    assert six == [*mildest_first, "alloc-stalls", "oom-kills"]
+    assert names.index("minor-faults") < names.index("async-scans")
+    assert names.index("oom-kills") < names.index("htlb-pgalloc")
+    assert "not available" not in result.stdout
+
+
+def test_stats_count_the_guests_reclaim_under_a_leak(sim_factory: SimFactory) -> None:
+    """A leaking program in a guest squeezed by the balloon: allocations stall in direct
+    reclaim (page cache goes), then deflate-on-OOM; the counters say so, and only grow."""
+    vm = sim_factory(workload="leak", time_scale=20.0)
+    assert run_cli("set", vm.sock, "300M").returncode == 0
+    first = ok_json("stats", vm.sock, "--period", "1")["stats"]
+    assert wait_until(
+        lambda: ok_json("stats", vm.sock)["stats"]["alloc-stalls"] > 0, timeout=10, step=0.5
+    )
+    later = ok_json("stats", vm.sock)["stats"]
+    assert later["direct-reclaims"] > 0
+    assert later["direct-scans"] >= later["direct-reclaims"]
+    assert later["direct-reclaims"] % 4096 == 0  # pages, as bytes
+    for name in EXTENDED_STAT_NAMES:
+        assert later[name] >= first[name], name
+
+
+def test_stats_without_the_six_show_nothing_for_them() -> None:
+    """QEMU 7.2 (or a guest before Linux 6.12): no row, no zero, no note."""
+    reading = GuestStats(last_update=1, stats={"total-memory": RAM, "free-memory": RAM // 2})
+    report = stats_report("vm", reading)
+    assert set(report) == {"vm", "last_update", "stats"}
+    text = render_stats(report)
+    assert not any(name in text for name in EXTENDED_STAT_NAMES)
+    assert "not available" not in text
 
 
 def test_stats_workload_and_time_scale(sim_factory: SimFactory) -> None:

@@ -70,6 +70,11 @@ def test_stats_queue_holds_the_guests_buffer_in_flight(shared_sim: Sim) -> None:
     assert stats["total-memory"] == 512 * MiB
     assert 0 < stats["free-memory"] <= stats["total-memory"]
     assert set(stats) <= set(spec.STAT_NAMES.values())
+    # The simulated guest's driver is Linux 6.12's: tags 10-15 are in its buffer, by name,
+    # and they are the guest's own counters (an idle guest has killed nothing).
+    assert set(spec.EXTENDED_STAT_NAMES) <= set(stats)
+    assert stats["oom-kills"] == 0
+    assert stats["async-scans"] % PAGE_SIZE == 0
     assert chain["pages"] == [] and chain["rejected"] == []
     # Only the ring pages and the stats buffer's page were read.
     assert out["ram"] == [[0, 512 * MiB]]
@@ -281,8 +286,9 @@ def test_in_flight_and_pending_chains_decoded(sock: Path) -> None:
 def test_stats_and_reporting_decodes(sock: Path) -> None:
     vm = FakeVm()
     stats = vm.queue(2, RingLayout.packed(128, RING_BASE), last_avail=1)
-    vm.mem.write(BUFFERS, stats_buffer([(spec.StatTag.MEMTOT, 2 * GiB), (99, 7)]))
-    stats.add_chain([(BUFFERS, 2 * spec.STAT_SIZE, False)])
+    entries = [(spec.StatTag.MEMTOT, 2 * GiB), (99, 7), (spec.StatTag.DIRECT_RECLAIMS, 8192)]
+    vm.mem.write(BUFFERS, stats_buffer(entries))
+    stats.add_chain([(BUFFERS, len(entries) * spec.STAT_SIZE, False)])
     reporting = vm.queue(3, RingLayout.packed(32, RING_BASE + 64 * 1024))
     chunk = 1 * GiB  # inside RAM, far beyond the fake's bytes: a report is never read
     reporting.add_chain([(chunk, 2 * MiB, True), (chunk + 4 * MiB, 4 * MiB, True)])
@@ -290,7 +296,7 @@ def test_stats_and_reporting_decodes(sock: Path) -> None:
     code, out, err, _ = run_fake(vm, sock, "stats")
     assert code == 0, err
     (chain,) = json.loads(out)["chains"]
-    assert chain["stats"] == {"total-memory": 2 * GiB, "tag-99": 7}
+    assert chain["stats"] == {"total-memory": 2 * GiB, "tag-99": 7, "direct-reclaims": 8192}
 
     code, out, err, peer = run_fake(vm, sock, "reporting")
     assert code == 0, err

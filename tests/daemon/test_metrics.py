@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,10 @@ import pytest
 from balloonctl.config import Config, DaemonConfig, HostConfig, VmConfig
 from balloonctl.daemon import Daemon, TickReport
 from balloonctl.errors import UsageError
+from balloonctl.metrics import GUEST_COUNTERS, Metrics
+from balloonctl.policy import VmState
 from balloonctl.sdnotify import Notifier
+from balloonctl.virtio.spec import BYTE_STATS, EXTENDED_STAT_NAMES
 
 GIB = 1 << 30
 
@@ -61,9 +65,14 @@ def _config(tmp_path: Path, sock: str, port: int) -> Config:
     )
 
 
-def _scrape(port: int) -> dict[str, float]:
+def _scrape_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+        text: str = reply.read().decode()
+    return text
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = _scrape_text(port)
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -101,6 +110,75 @@ def test_metrics_endpoint_reports_the_tick(tmp_path: Path, sim_socket: str) -> N
     assert values['balloonctl_vm_target_bytes{vm="vm"}'] == decision.target < decision.current
     # Only this process's own registry: no Python/GC collectors mixed in.
     assert not any(name.startswith(("python_", "process_")) for name in values)
+    # The simulated guest is a Linux 6.12 on a QEMU that names tags 10-15: its reclaim
+    # counters are there, as the guest reported them (an idle 1 GiB guest killed nothing).
+    assert values['balloonctl_vm_oom_kills_total{vm="vm"}'] == 0
+    for name in GUEST_COUNTERS.values():
+        assert f'{name[0]}_total{{vm="vm"}}' in values
+    assert values['balloonctl_vm_async_scanned_bytes_total{vm="vm"}'] % 4096 == 0
+
+
+def _vm(name: str, stats: dict[str, int] | None) -> VmState:
+    return VmState(
+        name=name,
+        actual=GIB,
+        maximum=2 * GIB,
+        floor=GIB // 2,
+        shares=1000,
+        stats=stats,
+        stats_age=1.0,
+        deflate_on_oom=True,
+    )
+
+
+def test_guest_reclaim_counters_per_vm_only_where_reported() -> None:
+    port = _free_port()
+    metrics = Metrics(f"127.0.0.1:{port}")
+    try:
+        new = {
+            "available-memory": GIB // 2,
+            "oom-kills": 2,
+            "alloc-stalls": 30,
+            "async-scans": 10 << 20,
+            "direct-scans": 3 << 20,
+            "async-reclaims": 9 << 20,
+            "direct-reclaims": 2 << 20,
+        }
+        old = {"available-memory": GIB // 4}  # QEMU 7.2, or a guest before Linux 6.12
+        metrics.observe(None, None, [_vm("new", new), _vm("old", old)], 2)
+        text = _scrape_text(port)
+        values = _scrape(port)
+        # Counters, named by Prometheus' conventions: _total, bytes as _bytes_total.
+        for family in ("balloonctl_vm_oom_kills", "balloonctl_vm_direct_reclaimed_bytes"):
+            # (the family is written with or without _total, by prometheus_client's version)
+            assert re.search(rf"^# TYPE {family}(_total)? counter$", text, re.M), text
+        assert values['balloonctl_vm_oom_kills_total{vm="new"}'] == 2
+        assert values['balloonctl_vm_alloc_stalls_total{vm="new"}'] == 30
+        assert values['balloonctl_vm_async_scanned_bytes_total{vm="new"}'] == 10 << 20
+        assert values['balloonctl_vm_direct_scanned_bytes_total{vm="new"}'] == 3 << 20
+        assert values['balloonctl_vm_async_reclaimed_bytes_total{vm="new"}'] == 9 << 20
+        assert values['balloonctl_vm_direct_reclaimed_bytes_total{vm="new"}'] == 2 << 20
+        # The VM without them has its other series and none of these: no made-up zeros.
+        assert values['balloonctl_vm_available_bytes{vm="old"}'] == GIB // 4
+        assert not any('vm="old"' in key and "_total" in key for key in values)
+
+        # A tick without a reading keeps the last one; a new reading replaces it.
+        metrics.observe(None, None, [_vm("new", None), _vm("old", old)], 2)
+        assert _scrape(port)['balloonctl_vm_oom_kills_total{vm="new"}'] == 2
+        metrics.observe(None, None, [_vm("new", {**new, "oom-kills": 3}), _vm("old", old)], 2)
+        assert _scrape(port)['balloonctl_vm_oom_kills_total{vm="new"}'] == 3
+        # A VM no longer managed takes its series with it.
+        metrics.observe(None, None, [_vm("old", old)], 1)
+        assert not any('vm="new"' in key for key in _scrape(port))
+    finally:
+        metrics.close()
+
+
+def test_every_extended_stat_has_a_counter_with_its_unit() -> None:
+    assert set(GUEST_COUNTERS) == set(EXTENDED_STAT_NAMES)
+    for stat, (name, _) in GUEST_COUNTERS.items():
+        assert name.startswith("balloonctl_vm_") and not name.endswith("_total")
+        assert name.endswith("_bytes") == (stat in BYTE_STATS), (stat, name)
 
 
 def test_metrics_endpoint_is_closed_with_the_daemon(tmp_path: Path, sim_socket: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from balloonctl.errors import GuestModelError
 from balloonctl.guest.allocator import PageState
-from balloonctl.guest.driver import SG_CHUNK_PAGES
+from balloonctl.guest.driver import SG_CHUNK_PAGES, VmEvents
 from balloonctl.guest.testbed import Testbed, TestbedConfig
 from balloonctl.units import PAGE_SHIFT
 from balloonctl.virtio import spec
@@ -195,6 +195,65 @@ def test_stats_round_trip(profile: str) -> None:
         assert stats["free-memory"] == b.allocator.count(PageState.FREE) << PAGE_SHIFT
         assert stats["total-memory"] == 64 << 20
         assert b.device.counters.stats_updates == 2  # the primed buffer, then the refill
+
+
+def test_stats_are_linux_6_12s_in_order_and_units(profile: str) -> None:
+    """update_balloon_stats: the vm events (swap and scan/reclaim pages as bytes, the rest
+    as counts; tags 10-15 between the faults and hugetlb), then the memory sizes."""
+    with bed(profile=profile) as b:
+        events = VmEvents(
+            pswpin=3,
+            pswpout=4,
+            pgmajfault=5,
+            pgfault=6,
+            oom_kill=2,
+            allocstall=17,
+            pgscan_kswapd=700,
+            pgscan_direct=110,
+            pgsteal_kswapd=600,
+            pgsteal_direct=90,
+        )
+        b.driver.vm_events = lambda: events  # type: ignore[method-assign]
+        tags = [tag for tag, _ in b.driver.stats_values()]
+        assert tags == [0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 8, 9, 4, 5, 6, 7]
+        b.request_stats()
+        assert b.device.stats is not None
+        stats = b.device.stats.by_name()
+        page = 1 << PAGE_SHIFT
+        assert stats["swap-in"] == 3 * page and stats["swap-out"] == 4 * page
+        assert (stats["major-faults"], stats["minor-faults"]) == (5, 6)
+        assert stats["oom-kills"] == 2
+        assert stats["alloc-stalls"] == 17
+        assert stats["async-scans"] == 700 * page
+        assert stats["direct-scans"] == 110 * page
+        assert stats["async-reclaims"] == 600 * page
+        assert stats["direct-reclaims"] == 90 * page
+        # The plain counts are exactly the ones virtio.spec does not list as bytes.
+        counts = {"major-faults", "minor-faults", "htlb-pgalloc", "htlb-pgfail"}
+        assert {n for n in stats if n not in spec.BYTE_STATS} == counts | {
+            "oom-kills",
+            "alloc-stalls",
+        }
+
+
+def test_stats_of_a_guest_that_never_reclaims_are_true_zeros(profile: str) -> None:
+    with bed(profile=profile) as b:
+        b.set_target(2000)
+        b.request_stats()
+        assert b.device.stats is not None
+        stats = b.device.stats.by_name()
+        assert {name: stats[name] for name in spec.EXTENDED_STAT_NAMES} == dict.fromkeys(
+            spec.EXTENDED_STAT_NAMES, 0
+        )
+
+
+def test_a_kernel_before_6_12_sends_the_classic_ten(profile: str) -> None:
+    with bed(profile=profile) as b:
+        b.driver.extended_stats = False
+        b.request_stats()
+        assert b.device.stats is not None
+        assert sorted(b.device.stats.values) == list(range(10))
+        assert not set(spec.EXTENDED_STAT_NAMES) & set(b.device.stats.by_name())
 
 
 def test_migration(profile: str) -> None:

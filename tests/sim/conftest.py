@@ -23,8 +23,12 @@ async def running_vm(
     rate: int = 1 << 30,
     time_scale: float = 1.0,
     kernel: int | None = None,
+    extended_stats: bool = True,
 ) -> AsyncIterator[tuple[SimMachine, RawQmp]]:
-    """A booted simulated VM (driver bound) and a negotiated raw QMP client."""
+    """A booted simulated VM (driver bound) and a negotiated raw QMP client.
+
+    ``extended_stats=False`` makes guest-stats QEMU 7.2's ten names (VmSpec.extended_stats).
+    """
     stopping: list[asyncio.Task[None]] = []
 
     def on_quit(machine: SimMachine) -> None:
@@ -37,6 +41,7 @@ async def running_vm(
         rate=rate,
         hotplug=hotplug,
         boot_probe_s=0.0,
+        extended_stats=extended_stats,
     )
     machine = SimMachine(spec, on_quit)
     path = str(tmp_path / "vm.sock")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from balloonctl.sim.machine import SimMachine
 from balloonctl.virtio.inspect import Decode, RingParams, parse_ring
 from balloonctl.virtio.memory import GuestMemory, Region
 from tests.sim.conftest import running_vm, wait_driver_ok
@@ -188,6 +189,41 @@ def test_stats_refresh_at_the_polling_interval(tmp_path: Path) -> None:
     run(body)
 
 
+def _guest_stats_as_linux_sends_them(vm: SimMachine) -> dict[str, int]:
+    """The simulated guest's counters converted as update_balloon_vm_stats does."""
+    events = vm.guest.events
+    return {
+        "stat-oom-kills": events.oom_kill,
+        "stat-alloc-stalls": events.allocstall,
+        "stat-async-scans": events.pgscan_kswapd * 4096,
+        "stat-direct-scans": events.pgscan_direct * 4096,
+        "stat-async-reclaims": events.pgsteal_kswapd * 4096,
+        "stat-direct-reclaims": events.pgsteal_direct * 4096,
+    }
+
+
+def test_guest_stats_name_tags_10_to_15(tmp_path: Path) -> None:
+    """The simulated VM answers as a QEMU that names them (9.2+) unless told otherwise; its
+    guest sends them as Linux 6.12 does. (QEMU 7.2's ten: tests/sim/test_transcripts.py.)"""
+
+    async def body() -> None:
+        async with running_vm(tmp_path) as (vm, qmp):
+            await qmp.ok(
+                "qom-set",
+                {"path": BALLOON, "property": "guest-stats-polling-interval", "value": 1},
+            )
+            await asyncio.sleep(1.2)
+            reply = await qmp.ok("qom-get", {"path": BALLOON, "property": "guest-stats"})
+            stats = reply["stats"]
+            assert len(stats) == 16
+            extended = {name: stats[name] for name in _guest_stats_as_linux_sends_them(vm)}
+            # An idle guest's counters, as the guest has them (nothing moved since the poll).
+            assert extended == _guest_stats_as_linux_sends_them(vm)
+            assert extended["stat-oom-kills"] == 0
+
+    run(body)
+
+
 def test_polling_interval_errors(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_vm(tmp_path) as (_, qmp):
@@ -216,6 +252,10 @@ def test_deflate_on_oom_gives_the_workload_the_balloons_pages(tmp_path: Path) ->
             assert vm.balloon.driver.oom_deflated > 0
             # The target did not change: the host still asks for 96 MiB.
             assert vm.balloon.device.config.num_pages == (160 * MiB) >> 12
+            # Linux's counters: allocations stalled in direct reclaim before the OOM
+            # notifier ran, and the notifier's pages spared every program (no OOM kill).
+            assert vm.guest.events.allocstall > 0
+            assert vm.guest.oom_kills == 0
 
     run(body)
 
@@ -232,6 +272,15 @@ def test_without_deflate_on_oom_the_guest_ooms_and_the_balloon_holds(tmp_path: P
                 assert loop.time() - t0 < 10, "the leak never ran out of memory"
                 await asyncio.sleep(0.1)
             assert await actual(qmp) == 160 * MiB
+            # The next stats reading carries the kill, and the stalls before it.
+            await qmp.ok(
+                "qom-set",
+                {"path": BALLOON, "property": "guest-stats-polling-interval", "value": 1},
+            )
+            await asyncio.sleep(1.2)
+            stats = (await qmp.ok("qom-get", {"path": BALLOON, "property": "guest-stats"}))["stats"]
+            assert stats["stat-oom-kills"] >= 1
+            assert stats["stat-alloc-stalls"] >= stats["stat-oom-kills"]
 
     run(body)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from balloonctl.guest.allocator import PageState
-from balloonctl.sim.guest import GuestSpec, SimGuest
+from balloonctl.sim.guest import GuestSpec, SimGuest, Watermarks, watermarks
 from balloonctl.sim.workloads import WORKLOADS, demand
 from balloonctl.vmcmds import Progress
 
@@ -71,6 +72,91 @@ def test_cache_is_reclaimed_before_the_oom_path() -> None:
         assert guest.cache.size < cache
         info = guest.meminfo(0, False)
         assert info["available"] == info["free"] + info["cache"]
+        # Counted as Linux counts it: one allocation stalled in direct reclaim, which
+        # scanned and reclaimed exactly the cache that went; kswapd did nothing.
+        events = guest.events
+        assert events.allocstall == 1
+        assert events.pgscan_direct == events.pgsteal_direct == cache - guest.cache.size
+        assert events.pgscan_kswapd == events.pgsteal_kswapd == 0
+    finally:
+        guest.close()
+
+
+def test_watermarks_are_linuxs_defaults() -> None:
+    # min_free_kbytes = int_sqrt(KiB * 16); low/high min + max(min/4, 0.1% of RAM) (x2).
+    assert watermarks((256 * MiB) >> 12) == Watermarks(min=512, low=640, high=768)
+    assert watermarks((2 << 30) >> 12) == Watermarks(min=1448, low=1972, high=2496)
+    assert watermarks((1 * MiB) >> 12) == Watermarks(min=32, low=40, high=48)  # 128 KiB floor
+    assert watermarks((1 << 44) >> 12).min == (262144 * 1024) >> 12  # 256 MiB ceiling
+
+
+def test_kswapd_reclaims_cache_up_to_the_high_watermark() -> None:
+    clock = [30.0]
+    guest = SimGuest(GuestSpec(memory=64 * MiB, workload="cache", kernel=8 * MiB), lambda: clock[0])
+    try:
+        guest.step()  # 15% anon, 60% cache: above the watermarks, kswapd sleeps
+        assert guest.events.pgscan_kswapd == 0
+        cache = int(guest.cache.size)
+        # A balloon takes all but a few free pages: below the low watermark.
+        marks = guest.watermarks
+        guest.allocator.allocate(guest.free_pages() - marks.low // 2, PageState.BALLOON)
+        guest.wake_kswapd()
+        guest.step()
+        assert guest.free_pages() == marks.high
+        reclaimed = cache - int(guest.cache.size)
+        assert reclaimed == marks.high - marks.low // 2
+        assert guest.events.pgscan_kswapd == guest.events.pgsteal_kswapd == reclaimed
+        # Background reclaim: nobody stalled, nothing direct.
+        assert guest.events.allocstall == guest.events.pgscan_direct == 0
+        # The workload still wants that cache: it reads it back into the free pages, which
+        # leaves free memory below low again, and kswapd trims it again (streaming reads
+        # under pressure: the counters keep growing, which is what they are for).
+        guest.step()
+        assert guest.free_pages() == marks.high
+        assert guest.events.pgsteal_kswapd == 2 * reclaimed
+        assert guest.events.allocstall == 0
+    finally:
+        guest.close()
+
+
+def test_oom_kill_counted_when_neither_reclaim_nor_notifier_helps() -> None:
+    guest = SimGuest(GuestSpec(memory=64 * MiB, workload="idle", kernel=8 * MiB), lambda: 0.0)
+    try:
+        guest.step()
+        guest._drop_cache(int(guest.cache.size))  # nothing left to reclaim
+        guest.allocator.allocate(guest.free_pages(), PageState.BALLOON)
+        asked = []
+
+        def notifier() -> int:  # a notifier with nothing to give
+            asked.append(1)
+            return 0
+
+        guest.oom_notifier = notifier
+        guest._set_anon(int(guest.anon.size) + 10)
+        assert asked == [1]
+        assert guest.events.allocstall == 1  # it still tried direct reclaim first
+        assert guest.events.pgscan_direct == 0
+        assert guest.oom_kills == guest.events.oom_kill == 1
+    finally:
+        guest.close()
+
+
+def test_counters_only_grow_under_a_leak() -> None:
+    clock = [0.0]
+    guest = SimGuest(GuestSpec(memory=64 * MiB, workload="leak", kernel=8 * MiB), lambda: clock[0])
+    try:
+        before = dataclasses.astuple(guest.events)
+        for t in range(0, 120, 2):
+            clock[0] = float(t)
+            guest.step()
+            now = dataclasses.astuple(guest.events)
+            assert all(b <= a for b, a in zip(before, now, strict=True)), (t, before, now)
+            before = now
+        # 95% wanted of a guest whose kernel holds 12.5%: it ends in the OOM killer, after
+        # direct reclaim took what cache there was.
+        assert guest.events.oom_kill > 0
+        assert guest.events.allocstall >= guest.events.oom_kill
+        assert guest.events.pgsteal_direct + guest.events.pgsteal_kswapd > 0
     finally:
         guest.close()
 

@@ -308,6 +308,46 @@ def test_stats_are_decoded_kept_and_requested_again(rig: Rig) -> None:
     assert rig.drivers[BalloonQueue.STATS].reclaim() == [(0, 0)]
 
 
+def test_linux_6_12_stats_tags_10_to_15_decode_by_qemus_names() -> None:
+    """Tags and names as include/uapi/linux/virtio_balloon.h and QEMU's balloon_stat_names
+    (minus ``stat-``) give them; units as update_balloon_vm_stats converts them."""
+    assert [int(tag) for tag in spec.EXTENDED_STAT_TAGS] == list(range(10, 16))
+    assert spec.EXTENDED_STAT_NAMES == (
+        "oom-kills",
+        "alloc-stalls",
+        "async-scans",
+        "direct-scans",
+        "async-reclaims",
+        "direct-reclaims",
+    )
+    assert tuple(StatTag) == spec.CLASSIC_STAT_TAGS + spec.EXTENDED_STAT_TAGS
+    # pages_to_bytes for the four scan/reclaim amounts; OOM kills and stalls are counts.
+    assert {"async-scans", "direct-scans", "async-reclaims", "direct-reclaims"} <= spec.BYTE_STATS
+    assert not {"oom-kills", "alloc-stalls", "major-faults", "htlb-pgfail"} & spec.BYTE_STATS
+
+
+def test_stats_with_all_sixteen_tags_decode_by_name(rig: Rig) -> None:
+    # A Linux 6.12 guest's buffer, in its order: vm events (10-15 in the middle), then sizes.
+    order = [0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 8, 9, 4, 5, 6, 7]
+    data = stats_buffer([(tag, 1000 + tag) for tag in order])
+    addr = rig.heap.alloc(len(data))
+    rig.mem.write(addr, data)
+    rig.send(BalloonQueue.STATS, [(addr, len(data), False)])
+    rig.dev.process(BalloonQueue.STATS)
+    assert rig.dev.stats is not None
+    named = rig.dev.stats.by_name()
+    assert named == {spec.STAT_NAMES[tag]: 1000 + tag for tag in order}
+    assert {name: named[name] for name in spec.EXTENDED_STAT_NAMES} == {
+        "oom-kills": 1010,
+        "alloc-stalls": 1011,
+        "async-scans": 1012,
+        "direct-scans": 1013,
+        "async-reclaims": 1014,
+        "direct-reclaims": 1015,
+    }
+    assert rig.dev.stats.rejections == ()
+
+
 def test_stats_trailing_bytes_are_rejected_not_fatal(rig: Rig) -> None:
     data = stats_buffer([(StatTag.MEMTOT, 4 << 20)]) + b"\x00\x01\x02"
     addr = rig.heap.alloc(len(data))
