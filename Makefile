@@ -15,8 +15,8 @@ BIN    := $(VENV)/bin
 # (apt-get download, no root needed for that), the libvirt tests start their own libvirtd,
 # libvirt-python compiles against libvirt-dev, and the systemd unit is checked with
 # systemd-analyze (verify, security --offline). zstd unpacks Debian 13's kernel (Python 3.13
-# has no zstd module) and systemd-container boots a root under a real systemd for the unit's
-# tests.
+# has no zstd module), and the unit's tests under a real systemd build a Debian 13 root with
+# mmdebstrap and boot it with systemd-nspawn (systemd-container).
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -32,6 +32,8 @@ system-deps:
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v zstd >/dev/null || missing="$$missing zstd"; \
+	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	[ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
 	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
