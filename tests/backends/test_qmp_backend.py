@@ -1406,6 +1406,53 @@ def test_renegotiate_falls_back_to_a_minimal_balloon(sock: str) -> None:
     assert peer.vm.balloon is not None
 
 
+def test_renegotiate_leaves_out_a_carried_property_qemu_will_not_set(sock: str) -> None:
+    """QEMU 10 lists the read-only ``busnr`` in device-list-properties and refuses it back."""
+    vm = FakeQemu()
+    assert vm.balloon is not None
+    vm.balloon.properties["busnr"] = 1
+    original_list = vm.do_device_list_properties
+
+    def list_with_busnr(args: Mapping[str, object]) -> Script:
+        # As QEMU 10 lists it (hw/pci/pci.c: a getter only, no default-value): carried.
+        script = original_list(args)
+        (reply,) = script
+        assert isinstance(reply, Return) and isinstance(reply.value, list)
+        return [Return([*reply.value, {"name": "busnr", "type": "uint8"}])]
+
+    vm.do_device_list_properties = list_with_busnr  # type: ignore[method-assign]
+
+    async def body(backend: QmpBackend, peer: HostilePeer) -> FeatureState:
+        peer.script(
+            "device_add",
+            Fail("GenericError", "Property 'virtio-balloon-pci.busnr' is not writable"),
+        )
+        return await backend.renegotiate([], ["page-reporting"])
+
+    state, peer = session(sock, body, vm=vm)
+    first, second = peer.arguments("device_add")
+    assert first["busnr"] == 1 and first["free-page-reporting"] is False
+    assert second == {k: v for k, v in first.items() if k != "busnr"}
+    assert "page-reporting" not in state.offered
+
+
+def test_renegotiate_a_refused_feature_property_is_not_dropped(sock: str) -> None:
+    """Only carried properties are left out: a refused feature is the answer, not a retry."""
+
+    async def body(backend: QmpBackend, peer: HostilePeer) -> None:
+        peer.script(
+            "device_add",
+            Fail("GenericError", "Property 'virtio-balloon-pci.free-page-hint' is not writable"),
+        )
+        with pytest.raises(CommandFailed) as info:
+            await backend.renegotiate(["free-page-hint"], [])
+        assert "put back unchanged" in str(info.value)
+
+    _, peer = session(sock, body)
+    first, second = peer.arguments("device_add")
+    assert first["free-page-hint"] is True and second["free-page-hint"] is False
+
+
 def test_no_balloon_listed_by_x_query_virtio(sock: str) -> None:
     vm = FakeQemu()
     vm.balloon = None
