@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve simulated VMs on QMP sockets (no hypervisor needed)",
         description=(
             "Serve a simulated VM behind a real QMP unix socket: the guest driver model and "
-            "the device side, in real time, answering QEMU 7.2's balloon subset. Runs until "
-            "SIGTERM or QMP quit."
+            "the device side, in real time, answering the balloon subset of QMP as QEMU 10.0 "
+            "or 7.2 does (--qemu-version). Runs until SIGTERM or QMP quit."
         ),
     )
     where = sim.add_mutually_exclusive_group(required=True)
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="put the balloon on pcie.0, which cannot hotplug (negotiate then refuses)",
     )
+    _qemu_version_option(sim)
     sim.set_defaults(func=_cmd_sim)
 
     demo = commands.add_parser(
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ticks (1 s each) of the auto-balloon daemon part, after it connects; 0 skips "
         "it (default 24)",
     )
+    _qemu_version_option(demo)
     demo.set_defaults(func=_cmd_demo)
 
     daemon = commands.add_parser(
@@ -335,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow: the fake host gains what the guests give (moves stop when it is "
         "balanced); static: it does not, so every guest moves on every tick (worst case)",
     )
+    _qemu_version_option(bench_daemon)
     bench_daemon.set_defaults(func=_cmd_bench_daemon)
 
     from balloonctl import fuzzcmd  # noqa: PLC0415 (argparse only: the work loads on use)
@@ -579,6 +582,34 @@ def _workloads(text: str) -> tuple[str, ...]:
     return names
 
 
+def _qemu_version_option(parser: argparse.ArgumentParser) -> None:
+    """``--qemu-version``: which QEMU the simulated VMs answer as. Checked when used, so
+    that building the parser for other commands does not import the simulator."""
+    parser.add_argument(
+        "--qemu-version",
+        type=_qemu_version,
+        default=None,
+        metavar="{7.2,10.0}",
+        help="answer QMP as QEMU 10.0 (Debian 13; the default) or 7.2 (Debian 12) does",
+    )
+
+
+def _qemu_version(text: str) -> str:
+    from balloonctl.sim.qemu_versions import QEMU_VERSIONS  # noqa: PLC0415
+
+    if text not in QEMU_VERSIONS:
+        raise argparse.ArgumentTypeError(
+            f"unknown QEMU version {text!r} (the sim answers as {', '.join(QEMU_VERSIONS)})"
+        )
+    return text
+
+
+def _resolved_qemu_version(args: argparse.Namespace) -> str:
+    from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION  # noqa: PLC0415
+
+    return str(args.qemu_version or DEFAULT_QEMU_VERSION)
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     """Serve simulated VMs until SIGTERM or quit."""
     import asyncio  # noqa: PLC0415
@@ -603,6 +634,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         guest=GuestSpec(memory=args.memory, workload=args.workload, time_scale=args.time_scale),
         rate=args.rate,
         hotplug=args.hotplug,
+        qemu_version=_resolved_qemu_version(args),
     )
     vms = layout(base, args.qmp, args.count, args.qmp_dir, args.workloads)
     try:
@@ -618,7 +650,11 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from balloonctl import demo  # noqa: PLC0415
 
-    return demo.run(args.duration, daemon_ticks=args.daemon_ticks)
+    return demo.run(
+        args.duration,
+        daemon_ticks=args.daemon_ticks,
+        qemu_version=_resolved_qemu_version(args),
+    )
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
@@ -694,7 +730,12 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
     from balloonctl.bench.daemon import DaemonBenchConfig, format_report, run  # noqa: PLC0415
 
     config = DaemonBenchConfig(
-        vms=args.vms, ticks=args.ticks, interval=args.interval, memory=args.memory, host=args.host
+        vms=args.vms,
+        ticks=args.ticks,
+        interval=args.interval,
+        memory=args.memory,
+        host=args.host,
+        qemu_version=_resolved_qemu_version(args),
     )
     return _emit(args, run(config), format_report)
 

@@ -33,6 +33,7 @@ from balloonctl import vmcmds
 from balloonctl.config import Config
 from balloonctl.config import load as load_config
 from balloonctl.errors import BalloonError, OperationTimeout
+from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION
 from balloonctl.units import format_size
 
 GiB = 1 << 30
@@ -85,8 +86,10 @@ class Demo:
         self.out.flush()
 
 
-def start_vms(qmp_dir: str, specs: dict[str, list[str]]) -> list[subprocess.Popen[bytes]]:
-    """One ``balloonctl sim`` process per VM."""
+def start_vms(
+    qmp_dir: str, specs: dict[str, list[str]], qemu_version: str = DEFAULT_QEMU_VERSION
+) -> list[subprocess.Popen[bytes]]:
+    """One ``balloonctl sim`` process per VM, answering as QEMU ``qemu_version``."""
     procs = []
     for name, extra in specs.items():
         argv = [
@@ -96,6 +99,8 @@ def start_vms(qmp_dir: str, specs: dict[str, list[str]]) -> list[subprocess.Pope
             "sim",
             "--qmp",
             os.path.join(qmp_dir, f"{name}.sock"),
+            "--qemu-version",
+            qemu_version,
             *extra,
         ]
         # The sims' own log goes next to their sockets: a pipe nobody reads could fill up.
@@ -347,11 +352,17 @@ async def autoballoon(demo: Demo, names: Sequence[str], ticks: int) -> None:
     await Autoballoon(demo, names, path).run(ticks)
 
 
-def run(duration: float, out: TextIO = sys.stdout, *, daemon_ticks: int = DAEMON_TICKS) -> int:
-    """Start the VMs, run the tour and the daemon part, stop the VMs; 0 when every step
-    worked."""
+def run(
+    duration: float,
+    out: TextIO = sys.stdout,
+    *,
+    daemon_ticks: int = DAEMON_TICKS,
+    qemu_version: str = DEFAULT_QEMU_VERSION,
+) -> int:
+    """Start the VMs (answering as QEMU ``qemu_version``), run the tour and the daemon
+    part, stop the VMs; 0 when every step worked."""
     with tempfile.TemporaryDirectory(prefix="balloonctl-demo-") as qmp_dir:
-        procs = start_vms(qmp_dir, TOUR_VMS)
+        procs = start_vms(qmp_dir, TOUR_VMS, qemu_version)
         try:
 
             async def main() -> None:
@@ -360,7 +371,7 @@ def run(duration: float, out: TextIO = sys.stdout, *, daemon_ticks: int = DAEMON
                 demo = Demo(qmp_dir, out)
                 await tour(demo, duration)
                 if daemon_ticks > 0:
-                    procs.extend(start_vms(qmp_dir, LEAK_VM))
+                    procs.extend(start_vms(qmp_dir, LEAK_VM, qemu_version))
                     for name in LEAK_VM:
                         await wait_ready(os.path.join(qmp_dir, f"{name}.sock"))
                     await autoballoon(demo, [*TOUR_VMS, *LEAK_VM], daemon_ticks)

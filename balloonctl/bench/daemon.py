@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from balloonctl.errors import OperationTimeout, PeerError, UsageError
+from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION, qemu_profile
 from balloonctl.units import format_size
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class DaemonBenchConfig:
     #: ``static``: it stays at the phase's value whatever the guests do, so every giver
     #: gives a step on every tick (the worst case: hundreds of targets a tick).
     host: str = "follow"
+    #: The QEMU the simulated VMs answer as (``balloonctl sim --qemu-version``).
+    qemu_version: str = DEFAULT_QEMU_VERSION
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,8 +114,10 @@ def start_sim(
     workloads: Sequence[str],
     time_scale: float = 1.0,
     log_path: str,
+    qemu_version: str = DEFAULT_QEMU_VERSION,
 ) -> subprocess.Popen[bytes]:
-    """One ``balloonctl sim`` process serving ``count`` VMs as ``qmp_dir/vmN.sock``."""
+    """One ``balloonctl sim`` process serving ``count`` VMs as ``qmp_dir/vmN.sock``, answering
+    as QEMU ``qemu_version``."""
     argv = [
         sys.executable,
         "-m",
@@ -128,6 +133,8 @@ def start_sim(
         ",".join(workloads),
         "--time-scale",
         f"{time_scale:g}",
+        "--qemu-version",
+        qemu_version,
     ]
     # Its log goes to a file: a pipe nobody reads could fill up and stall it.
     with open(log_path, "wb") as log:
@@ -254,6 +261,7 @@ class TickSample:
 def _validate(config: DaemonBenchConfig) -> None:
     if config.host not in ("follow", "static"):
         raise UsageError(f"--host must be follow or static, not {config.host!r}")
+    qemu_profile(config.qemu_version)  # a version the sim answers as, or UsageError
     if config.vms < 1:
         raise UsageError("--vms must be at least 1")
     if config.ticks < 2:
@@ -306,7 +314,12 @@ def run(config: DaemonBenchConfig) -> dict[str, Any]:
         log_path = os.path.join(tmp, "sim.log")
         sockets = [(f"vm{i}", os.path.join(qmp_dir, f"vm{i}.sock")) for i in range(config.vms)]
         proc = start_sim(
-            qmp_dir, config.vms, memory=config.memory, workloads=WORKLOADS, log_path=log_path
+            qmp_dir,
+            config.vms,
+            memory=config.memory,
+            workloads=WORKLOADS,
+            log_path=log_path,
+            qemu_version=config.qemu_version,
         )
         sim_start_s = wait_sockets(proc, [p for _, p in sockets], config.start_timeout, log_path)
         path = os.path.join(tmp, "config.toml")
@@ -491,6 +504,7 @@ def report(
         "interval_s": config.interval,
         "memory_bytes": config.memory,
         "host": config.host,
+        "qemu_version": config.qemu_version,
         "workloads": list(WORKLOADS),
         "cpus": os.cpu_count(),
         # The machine's 1-minute load average at the end: other work competes for the CPUs.

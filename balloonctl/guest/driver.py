@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -190,6 +190,7 @@ class BalloonDriver:
         *,
         profile: Profile,
         queue_size: int = 128,
+        queue_sizes: Mapping[BalloonQueue, int] | None = None,
         features: Sequence[str] | None = None,
         indirect_entries: int = 16,
         sg_indirect: bool = False,
@@ -203,6 +204,9 @@ class BalloonDriver:
         self.transport = transport
         self.profile = profile
         self.queue_size = queue_size
+        #: Per-queue sizes where the device's differ (a Linux driver takes each queue's size
+        #: from the device, vp_modern_get_queue_size); ``queue_size`` for the others.
+        self.queue_sizes = dict(queue_sizes or {})
         wanted = (
             features
             if features is not None
@@ -239,13 +243,13 @@ class BalloonDriver:
         self.acked = negotiate(self.transport.device_features(), self.supported)
         self.transport.set_features(self.acked)
         roles = queue_layout(self.profile, self.acked)
-        layout_bytes = RingLayout.packed(self.queue_size).end
         indirect = self.has("ring-indirect-desc") and self.indirect_entries > 0
-        table_bytes = self.queue_size * self.indirect_entries * spec.DESC_SIZE if indirect else 0
         for index, role in enumerate(roles):
-            pages = -(-(layout_bytes + table_bytes) // PAGE_SIZE)
+            size = self.queue_sizes.get(role, self.queue_size)
+            table_bytes = size * self.indirect_entries * spec.DESC_SIZE if indirect else 0
+            pages = -(-(RingLayout.packed(size).end + table_bytes) // PAGE_SIZE)
             base = self.allocator.allocate_contiguous(pages) << PAGE_SHIFT
-            layout = RingLayout.packed(self.queue_size, base)
+            layout = RingLayout.packed(size, base)
             area = (layout.end + 15 & ~15, self.indirect_entries) if indirect else None
             self.queues[role] = DriverQueue(
                 self.mem,

@@ -14,8 +14,11 @@ parses the same bytes a guest would leave there.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from balloonctl.errors import GuestModelError
 from balloonctl.virtio import spec
@@ -81,13 +84,15 @@ class DriverQueue:
         self._max_waits = max_waits
         self.counters = DriverCounters()
         # "Put everything in free lists": desc[i].next = i + 1 (vring_alloc_queue_split).
-        table = bytearray(spec.desc_table_size(self.size))
-        for i in range(self.size):
-            spec.DESC_STRUCT.pack_into(table, i * spec.DESC_SIZE, 0, 0, 0, (i + 1) % 0x10000)
-        mem.write(layout.desc, table)
+        # Built whole, not descriptor by descriptor: a 1024-entry queue (QEMU 10's) per
+        # queue per VM made a 1000-VM sim's boot seconds slower, and a list of 1024 ints
+        # costs 37 KiB where an array costs 4.
+        table = np.zeros((self.size, spec.DESC_SIZE // 2), dtype="<u2")
+        table[:, 7] = np.arange(1, self.size + 1) % 0x10000  # le16 next, the last field
+        mem.write(layout.desc, table.tobytes())
         mem.write(layout.avail, bytes(spec.avail_ring_size(self.size)))
         mem.write(layout.used, bytes(spec.used_ring_size(self.size)))
-        self._next = [(i + 1) for i in range(self.size)]
+        self._next = array("I", range(1, self.size + 1))
         self.free_head = 0
         self.num_free = self.size
         self.avail_idx = 0

@@ -41,9 +41,11 @@ STEP_S: Final = 0.02
 #: fill_balloon's msleep(200) after a failed allocation.
 OUT_OF_PUFF_S: Final = 0.2
 
-#: Device properties (QEMU's names) -> (feature name, default), per profile. QEMU 7.2's
-#: virtio-balloon offers STATS_VQ always, PAGE_POISON by default, and the transport bits;
-#: the seed's device offers SG by default instead of bits 4 and 5, which it does not know.
+#: Device properties (QEMU's names) -> (feature name, default), per profile. QEMU's
+#: virtio-balloon offers STATS_VQ always, PAGE_POISON by default, and the transport bits,
+#: RING_RESET (bit 40, ``queue_reset``, DEFINE_VIRTIO_COMMON_FEATURES) among them in 7.2 and
+#: 10.0 alike (qemu-*/introspect.json); the seed's device (2017) offers SG by default instead
+#: of bits 4 and 5, which it does not know, and predates RING_RESET.
 _COMMON_PROPS: Final = {
     "deflate-on-oom": ("deflate-on-oom", False),
     "indirect_desc": ("ring-indirect-desc", True),
@@ -57,15 +59,23 @@ PROPERTIES: Final[Mapping[str, Mapping[str, tuple[str, bool]]]] = {
         "free-page-reporting": ("page-reporting", False),
         "free-page-hint": ("free-page-hint", False),
         "page-poison": ("page-poison", True),
+        "queue_reset": ("ring-reset", True),
     },
     "seed-sg": {**_COMMON_PROPS, "sg": ("sg", True)},
 }
 #: What the guest's driver acks, by profile: the seed's driver table, plus free page
 #: reporting on a virtio 1.2 guest (Linux 6.1 acks it; the model does not send reports).
-#: A Linux 6.1 guest on QEMU 7.2 acks EVENT_IDX and VERSION_1 but not INDIRECT_DESC
-#: (fixtures/transcripts/qemu-7.2/introspect.json); the virtio-1.2 sim's guest does the same.
+#: A Linux 6.1 guest on QEMU 7.2 and a 6.12 guest on QEMU 10.0 ack EVENT_IDX, VERSION_1 and
+#: RING_RESET but not INDIRECT_DESC (fixtures/transcripts/qemu-*/introspect.json); the
+#: virtio-1.2 sim's guest does the same (it never resets a queue).
 _GUEST_FEATURES: Final = {
-    "virtio-1.2": (*DRIVER_FEATURES["virtio-1.2"], "page-reporting", "ring-event-idx", "version-1"),
+    "virtio-1.2": (
+        *DRIVER_FEATURES["virtio-1.2"],
+        "page-reporting",
+        "ring-event-idx",
+        "version-1",
+        "ring-reset",
+    ),
     "seed-sg": (*DRIVER_FEATURES["seed-sg"], *TRANSPORT_FEATURES),
 }
 
@@ -122,17 +132,23 @@ class _SimDriver(BalloonDriver):
     """The guest model's driver, reporting the simulated guest's meminfo and vm events.
 
     Its stats are Linux 6.12's (tags 10-15 included): whether they reach a QMP client is the
-    simulated QEMU's business (VmSpec.extended_stats), as a QEMU before 9.2 drops tags it
-    does not know.
+    simulated QEMU's business (QemuProfile.extended_stats), as a QEMU before 9.2 drops tags
+    it does not know. Its rings are as large as the device's queues (``queue_sizes``).
     """
 
-    def __init__(self, guest: SimGuest, transport: _Transport, profile: Profile) -> None:
+    def __init__(
+        self,
+        guest: SimGuest,
+        transport: _Transport,
+        profile: Profile,
+        queue_sizes: Mapping[BalloonQueue, int],
+    ) -> None:
         super().__init__(
             guest.mem,
             guest.allocator,
             transport,
             profile=profile,
-            queue_size=128,
+            queue_sizes=queue_sizes,
             features=_GUEST_FEATURES[profile.name],
         )
         self.guest = guest
@@ -165,9 +181,12 @@ class SimBalloon:
         props: Mapping[str, bool],
         rate: int,
         on_actual: Callable[[int], None],
+        queue_sizes: Mapping[BalloonQueue, int],
     ) -> None:
         self.guest = guest
         self.profile = profile
+        #: Each queue's size as the device offers it (vring-num-default), by role.
+        self.queue_sizes = queue_sizes
         self.dev_id = dev_id
         self.bus = bus
         self.props = dict(props)
@@ -202,7 +221,7 @@ class SimBalloon:
     def probe(self) -> None:
         """virtballoon_probe: negotiate, rings in guest kernel memory, DRIVER_OK."""
         self._kernel_before = self.guest.allocator.state == PageState.KERNEL
-        driver = _SimDriver(self.guest, _Transport(self), self.profile)
+        driver = _SimDriver(self.guest, _Transport(self), self.profile, self.queue_sizes)
         self.driver = driver
         driver.probe()
         if driver.has("deflate-on-oom"):

@@ -1,10 +1,12 @@
 """A simulated VM: guest RAM, a hot-pluggable balloon, and its QMP monitor's balloon subset.
 
-Replies follow QEMU 7.2 (``softmmu/balloon.c``, ``hw/virtio/virtio-balloon.c``,
-``hw/virtio/virtio-qmp.c``, ``qom/qom-qmp-cmds.c``, ``softmmu/qdev-monitor.c``) shape for
-shape and error for error; ``fixtures/transcripts/qemu-7.2/`` holds what a real QEMU said
-and ``tests/sim/test_transcripts.py`` holds the sim to it. The VM is what QEMU would run
-with ``-machine q35 -device pcie-root-port,id=rp1,... -device
+Replies follow QEMU 7.2 or 10.0, as ``VmSpec.qemu_version`` says (``softmmu/balloon.c``,
+``system/balloon.c`` from 8.0, ``hw/virtio/virtio-balloon.c``, ``hw/virtio/virtio-qmp.c``,
+``qom/qom-qmp-cmds.c``, ``softmmu/qdev-monitor.c``), shape for shape and error for error;
+where the two differ, :mod:`balloonctl.sim.qemu_versions` says how.
+``fixtures/transcripts/qemu-7.2/`` and ``qemu-10.0/`` hold what real QEMUs said and
+``tests/sim/test_transcripts.py`` holds the sim to both. The VM is what QEMU would run with
+``-machine q35 -device pcie-root-port,id=rp1,... -device
 virtio-balloon-pci,id=balloon0,bus=rp1,...`` (or on ``pcie.0``, which cannot hotplug).
 """
 
@@ -23,6 +25,7 @@ from balloonctl.errors import CommandFailed
 from balloonctl.sim import qom
 from balloonctl.sim.balloon import PROPERTIES, SimBalloon
 from balloonctl.sim.guest import GuestSpec, SimGuest
+from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION, QemuProfile, qemu_profile
 from balloonctl.sim.qmp_server import Command, JsonObject, Param, QmpServer
 from balloonctl.units import PAGE_SHIFT
 from balloonctl.virtio import spec
@@ -30,7 +33,6 @@ from balloonctl.virtio.features import get_profile
 
 log = logging.getLogger(__name__)
 
-QEMU_VERSION: Final = {"major": 7, "minor": 2, "micro": 0}
 #: A real QEMU names its Debian package here; the sim says what it is.
 PACKAGE: Final = f"balloonctl-sim {__version__}"
 BALLOON_DRIVER: Final = "virtio-balloon-pci"
@@ -56,11 +58,11 @@ class VmSpec:
     #: The balloon's bus: on a pcie-root-port it can be replugged; on pcie.0 it cannot.
     hotplug: bool = True
     boot_probe_s: float = 0.2
-    #: Whether ``guest-stats`` names the six statistics of tags 10-15 (``stat-oom-kills``
-    #: ... ``stat-direct-reclaims``, spec.EXTENDED_STAT_NAMES), as QEMU 9.2 and later do;
-    #: False is QEMU 7.2's ten. The guest always sends them (its driver is Linux 6.12's);
-    #: like QEMU, a device that does not know a tag drops it.
-    extended_stats: bool = True
+    #: The QEMU the VM answers as ("7.2" or "10.0", ``balloonctl sim --qemu-version``): its
+    #: reply texts and shapes, queue sizes, QOM properties and whether ``guest-stats`` names
+    #: the six statistics of tags 10-15 (QemuProfile.extended_stats). The guest is the same
+    #: Linux 6.12 either way; like QEMU, a device that does not know a tag drops it.
+    qemu_version: str = DEFAULT_QEMU_VERSION
 
 
 def default_props(profile: str, *, plugged: bool = False) -> dict[str, bool]:
@@ -75,10 +77,15 @@ def default_props(profile: str, *, plugged: bool = False) -> dict[str, bool]:
     return props
 
 
-def _on_off(key: str, value: object) -> bool:
-    # device_add takes QemuOpts strings ("on"/"off"/"yes"/...) or JSON booleans.
+def _bool_property(qemu: QemuProfile, key: str, value: object) -> bool:
+    """A bool property's value as device_add takes it: a JSON boolean always; on 7.2 also a
+    QemuOpts string ("on"/"off"/"yes"/..., util/qemu-option.c parse_option_bool), since
+    7.2 turned device_add's arguments into QemuOpts before setting them."""
     if isinstance(value, bool):
         return value
+    if qemu.device_add_json_types:
+        # qapi/qobject-input-visitor.c: the JSON value itself must be a boolean.
+        raise CommandFailed(f"Invalid parameter type for '{key}', expected: boolean")
     if isinstance(value, str) and value in ("on", "yes", "true", "y"):
         return True
     if isinstance(value, str) and value in ("off", "no", "false", "n"):
@@ -92,11 +99,13 @@ class SimMachine:
     def __init__(self, spec_: VmSpec, on_quit: Callable[[SimMachine], None]) -> None:
         self.spec = spec_
         self.profile = get_profile(spec_.profile)
+        #: The QEMU this VM answers as (7.2 or 10.0): every reply where the two differ.
+        self.qemu = qemu_profile(spec_.qemu_version)
         self.guest = SimGuest(spec_.guest, time.monotonic)
         self.ram = spec_.guest.memory
         self._on_quit = on_quit
         self.balloon: SimBalloon | None = None
-        self.qmp = QmpServer(self._commands(), QEMU_VERSION, PACKAGE)
+        self.qmp = QmpServer(self._commands(), self.qemu.qemu, PACKAGE)
         self._tasks: list[asyncio.Task[None]] = []
         self.running = False
         self._stopped = False
@@ -141,6 +150,7 @@ class SimMachine:
             props=props,
             rate=self.spec.rate,
             on_actual=self._actual_changed,
+            queue_sizes=self.qemu.queue_sizes,
         )
 
     async def _workload(self) -> None:
@@ -160,7 +170,8 @@ class SimMachine:
         return self.balloon
 
     def _virtio_backend(self, path: str, noun: str = "a VirtIODevice") -> SimBalloon:
-        # virtio.c: qmp_find_virtio_device (queue-element words it "a VirtIO device")
+        # virtio.c: qmp_find_virtio_device (queue-element words it "a VirtIO device";
+        # x-query-virtio-status as the QemuProfile says)
         balloon = self.balloon
         if balloon is None or path != qom.backend_path(balloon.dev_id):
             raise CommandFailed(f"Path {path} is not {noun}")
@@ -206,6 +217,12 @@ class SimMachine:
                 (Param("val", "int"), Param("size", "int"), Param("filename", "str")),
                 False,
             ),
+            (
+                "device-list-properties",
+                self._device_list_properties,
+                (Param("typename", "str"),),
+                False,
+            ),
             ("device_add", self._device_add, (Param("driver", "str"),), True),
             ("device_del", self._device_del, (Param("id", "str"),), False),
             ("quit", self._quit, (), False),
@@ -222,17 +239,20 @@ class SimMachine:
         balloon = self._need_balloon()
         target = int(args["value"])
         if target <= 0:
-            raise CommandFailed("Parameter 'target' expects a size")
+            # qmp_balloon: "Parameter '%s' expects a size" (QERR_INVALID_PARAMETER_VALUE)
+            raise CommandFailed(f"Parameter '{self.qemu.balloon_size_param}' expects a size")
         # virtio_balloon_to_target: a target above RAM means "no balloon".
         target = min(target, self.ram)
         balloon.set_target_pages((self.ram - target) >> PAGE_SHIFT)
 
     async def _query_status(self, args: Mapping[str, Any]) -> JsonObject:
         # StatusInfo members in schema order (the writer reorders them as QEMU does).
-        return {"running": True, "singlestep": False, "status": "running"}
+        if self.qemu.status_singlestep:
+            return {"running": True, "singlestep": False, "status": "running"}
+        return {"running": True, "status": "running"}
 
     async def _query_version(self, args: Mapping[str, Any]) -> JsonObject:
-        return {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": PACKAGE}
+        return {"qemu": self.qemu.qemu, "package": PACKAGE}
 
     async def _query_memory(self, args: Mapping[str, Any]) -> JsonObject:
         return {"base-memory": self.ram, "plugged-memory": 0}
@@ -248,14 +268,17 @@ class SimMachine:
 
     async def _x_query_virtio(self, args: Mapping[str, Any]) -> list[JsonObject]:
         if self.balloon is None:
+            if self.qemu.no_virtio_devices is not None:
+                raise CommandFailed(self.qemu.no_virtio_devices)
             return []
         return [{"name": "virtio-balloon", "path": qom.backend_path(self.balloon.dev_id)}]
 
     async def _x_virtio_status(self, args: Mapping[str, Any]) -> JsonObject:
-        return qom.virtio_status(self, self._virtio_backend(args["path"]))
+        backend = self._virtio_backend(args["path"], self.qemu.virtio_status_noun)
+        return qom.virtio_status(self, backend)
 
     async def _x_queue_status(self, args: Mapping[str, Any]) -> JsonObject:
-        return qom.queue_status(self._virtio_backend(args["path"]), int(args["queue"]))
+        return qom.queue_status(self, self._virtio_backend(args["path"]), int(args["queue"]))
 
     async def _x_queue_element(self, args: Mapping[str, Any]) -> JsonObject:
         return qom.queue_element(
@@ -289,9 +312,13 @@ class SimMachine:
                 out.write(chunk)
                 pos += n
 
+    async def _device_list_properties(self, args: Mapping[str, Any]) -> list[JsonObject]:
+        return qom.device_properties(self, args["typename"])
+
     async def _device_add(self, args: Mapping[str, Any]) -> None:
         # qdev_device_add's order: the model, the bus and whether it hotplugs, the id, the
-        # properties, then realize (where the balloon refuses a second instance).
+        # properties, then realize (where the PCI slot, on 10.0, and then the balloon refuse
+        # a second instance).
         driver = args["driver"]
         if driver != BALLOON_DRIVER:
             raise CommandFailed(f"'{driver}' is not a valid device model name")
@@ -309,18 +336,39 @@ class SimMachine:
             raise CommandFailed(f"Duplicate device ID '{dev_id}'")
         props = default_props(self.spec.profile, plugged=True)
         known = PROPERTIES[self.spec.profile]
+        listed = qom.listed_properties(self)
+        interval: int | None = None
         for key, value in args.items():
             if key in ("driver", "id", "bus"):
                 continue
-            if key not in known:
+            if key in known:
+                props[key] = _bool_property(self.qemu, key, value)
+            elif key in self.qemu.read_only or key == "guest-stats":
+                raise qom.not_writable(qom.device_path(dev_id), key)
+            elif key == "guest-stats-polling-interval":
+                interval = qom.poll_interval(value)
+            elif key in listed:
+                # Accepted as QEMU would take it, but not modelled: the sim's balloon sits in
+                # slot 0 of its bus whatever ``addr`` says, with QEMU's other defaults.
+                if listed[key].type == "bool":
+                    _bool_property(self.qemu, key, value)
+            else:
                 raise CommandFailed(f"Property '{BALLOON_DRIVER}.{key}' not found")
-            props[key] = _on_off(key, value)
-        if self.balloon is not None:
+        occupant = self.balloon
+        if occupant is not None and occupant.bus == bus and self.qemu.pci_slot_checked_first:
+            # hw/pci/pci.c do_pci_register_device: a root port has one slot, and it is taken.
+            raise CommandFailed(
+                f"PCI: slot 0 function 0 already occupied by {BALLOON_DRIVER}, "
+                f"new func {driver} cannot be exposed to guest."
+            )
+        if occupant is not None:
             raise CommandFailed("Only one balloon device is supported")
         balloon = self._new_balloon(dev_id, bus, props)
         balloon.hotplugged = True
         self.balloon = balloon
         balloon.start(PLUG_PROBE_S)
+        if interval:
+            balloon.set_poll_interval(interval)
 
     async def _device_del(self, args: Mapping[str, Any]) -> None:
         dev_id = args["id"]
@@ -330,7 +378,7 @@ class SimMachine:
         if balloon.bus == ROOT_BUS:
             raise CommandFailed(f"Bus '{ROOT_BUS}' does not support hotplugging")
         if balloon.unplugging:
-            return  # QEMU 7.2 repeats the request and answers {} again
+            return  # QEMU (7.2 and 10.0) repeats the request and answers {} again
         balloon.unplugging = True
         self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.create_task(self._unplug_later(balloon)))
@@ -349,7 +397,7 @@ class SimMachine:
         )
 
     async def _quit(self, args: Mapping[str, Any]) -> None:
-        # QEMU 7.2 sends SHUTDOWN before quit's reply (transcripts/qemu-7.2/quit.json), then
+        # QEMU sends SHUTDOWN before quit's reply (transcripts/qemu-*/quit.json), then
         # exits and the socket closes.
         self.qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         self.qmp.shut_down()
@@ -359,8 +407,8 @@ class SimMachine:
     @property
     def stat_names(self) -> tuple[str, ...]:
         """balloon_stat_names, in tag order: QEMU 7.2's ten (VIRTIO_BALLOON_S_NR = 10), or
-        QEMU 9.2+'s sixteen when ``VmSpec.extended_stats``."""
+        QEMU 9.2+'s sixteen (QemuProfile.extended_stats)."""
         tags = spec.CLASSIC_STAT_TAGS
-        if self.spec.extended_stats:
+        if self.qemu.extended_stats:
             tags += spec.EXTENDED_STAT_TAGS
         return tuple(f"stat-{spec.STAT_NAMES[tag]}" for tag in tags)

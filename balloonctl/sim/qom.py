@@ -1,9 +1,11 @@
 """The slice of QEMU's object model (QOM) and virtio introspection the simulated VM shows.
 
-``qom-get``/``qom-set``/``qom-list`` on the balloon and its bus, and the ``x-query-virtio*``
-replies, built from the device and driver models' state in QEMU 7.2's shapes
-(``hw/virtio/virtio-qmp.c`` in later trees, ``hw/virtio/virtio.c`` in 7.2). Error texts are
-QEMU's (``qom/qom-qmp-cmds.c``, ``qom/object.c``, ``hw/virtio/virtio-balloon.c``).
+``qom-get``/``qom-set``/``qom-list`` on the balloon and its bus, ``device-list-properties``
+of the balloon, and the ``x-query-virtio*`` replies, built from the device and driver
+models' state in the shapes of the QEMU the VM answers as (``machine.qemu``, a
+:class:`~balloonctl.sim.qemu_versions.QemuProfile`; ``hw/virtio/virtio-qmp.c`` in later
+trees, ``hw/virtio/virtio.c`` in 7.2). Error texts are QEMU's (``qom/qom-qmp-cmds.c``,
+``qom/object.c``, ``hw/virtio/virtio-balloon.c``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from balloonctl.errors import CommandFailed
 from balloonctl.sim.balloon import PROPERTIES, SimBalloon
+from balloonctl.sim.qemu_props import NO_DEFAULT, PropInfo, Scalar
 from balloonctl.sim.qmp_server import JsonObject
 from balloonctl.virtio import spec
 from balloonctl.virtio.features import FeatureBit, Profile
@@ -37,92 +40,11 @@ _STATUS_NAMES: Final = (
     ),
     (spec.DeviceStatus.FAILED, "VIRTIO_CONFIG_S_FAILED: Error in guest, device failed"),
 )
-#: Transport feature strings in the order QEMU 7.2 lists them (virtio_transport_map).
-_TRANSPORT_ORDER: Final = (
-    "ring-event-idx",
-    "ring-indirect-desc",
-    "version-1",
-    "any-layout",
-    "notify-on-empty",
-)
-#: qom-list of a virtio-balloon-pci in QEMU 7.2, as recorded (fixtures/transcripts/qemu-7.2/
-#: introspect.json); the seed-sg device adds its "sg" property.
-_PCI_PROPERTIES: Final = (
-    ("type", "string"),
-    ("parent_bus", "link<bus>"),
-    ("realized", "bool"),
-    ("hotplugged", "bool"),
-    ("hotpluggable", "bool"),
-    ("failover_pair_id", "str"),
-    ("romfile", "str"),
-    ("addr", "int32"),
-    ("romsize", "uint32"),
-    ("x-pcie-lnksta-dllla", "bool"),
-    ("rombar", "uint32"),
-    ("x-pcie-extcap-init", "bool"),
-    ("acpi-index", "uint32"),
-    ("multifunction", "bool"),
-    ("legacy-addr", "str"),
-    ("migrate-extra", "bool"),
-    ("ats", "bool"),
-    ("x-ignore-backend-features", "bool"),
-    ("x-pcie-pm-init", "bool"),
-    ("aer", "bool"),
-    ("x-pcie-flr-init", "bool"),
-    ("x-pcie-lnkctl-init", "bool"),
-    ("x-ats-page-aligned", "bool"),
-    ("page-per-vq", "bool"),
-    ("x-pcie-deverr-init", "bool"),
-    ("virtio-pci-bus-master-bug-migration", "bool"),
-    ("modern-pio-notify", "bool"),
-    ("x-disable-pcie", "bool"),
-    ("disable-legacy", "OnOffAuto"),
-    ("disable-modern", "bool"),
-    ("free-page-reporting", "bool"),
-    ("indirect_desc", "bool"),
-    ("virtio-pci-device-virtio-balloon[0]", "child<memory-region>"),
-    ("iommu_platform", "bool"),
-    ("deflate-on-oom", "bool"),
-    ("use-disabled-flag", "bool"),
-    ("event_idx", "bool"),
-    ("bus master container[0]", "child<memory-region>"),
-    ("page-poison", "bool"),
-    ("guest-stats-polling-interval", "int"),
-    ("guest-stats", "guest statistics"),
-    ("x-disable-legacy-check", "bool"),
-    ("any_layout", "bool"),
-    ("iothread", "link<iothread>"),
-    ("notify_on_empty", "bool"),
-    ("virtio-pci-notify-virtio-balloon[0]", "child<memory-region>"),
-    ("queue_reset", "bool"),
-    ("qemu-4-0-config-size", "bool"),
-    ("packed", "bool"),
-    ("use-started", "bool"),
-    ("free-page-hint", "bool"),
-    ("virtio-pci[1]", "child<memory-region>"),
-    ("virtio-pci-notify-pio-virtio-balloon[0]", "child<memory-region>"),
-    ("virtio-pci-common-virtio-balloon[0]", "child<memory-region>"),
-    ("virtio-pci[0]", "child<memory-region>"),
-    ("virtio-pci-isr-virtio-balloon[0]", "child<memory-region>"),
-    ("bus master[0]", "child<memory-region>"),
-    ("virtio-bus", "child<virtio-pci-bus>"),
-    ("virtio-backend", "child<virtio-balloon-device>"),
-)
-#: Plain values of other properties a client may read back to re-add the device.
-_FIXED_VALUES: Final[dict[str, Any]] = {
-    "multifunction": False,
-    "disable-legacy": "off",
-    "disable-modern": False,
-    "iothread": "",
-    "packed": False,
-    "iommu_platform": False,
-    "failover_pair_id": "",
-    "romfile": "",
-    "queue_reset": True,
-    "use-started": True,
-    "ats": False,
-    "aer": False,
-}
+#: Feature properties only one profile's device has (virtio 1.2's bits 3-5 and RING_RESET,
+#: the seed's SG): the others leave them out of qom-list and device-list-properties.
+_PROFILE_PROPERTIES: Final = frozenset(name for props in PROPERTIES.values() for name in props)
+#: How the seed-sg device lists its ``sg`` property (a DEFINE_PROP_BIT, like its siblings).
+_SG_PROPERTY: Final = PropInfo("sg", "bool", True, "on/off")
 
 
 def device_path(dev_id: str) -> str:
@@ -147,6 +69,55 @@ def _not_found(path: str) -> CommandFailed:
 LPC_PATH: Final = "/machine/unattached/device[2]"
 
 
+def not_writable(path: str, prop: str) -> CommandFailed:
+    """qom/object.c object_property_set: a property with a getter and no setter."""
+    # guest-stats is an alias of the backend's property: QEMU names the backend's type.
+    owner = "virtio-balloon-device" if prop == "guest-stats" else _type_name(path)
+    return CommandFailed(f"Property '{owner}.{prop}' is not writable")
+
+
+def poll_interval(value: object) -> int:
+    """balloon_stats_set_poll_interval's checks of a guest-stats-polling-interval value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CommandFailed(
+            "Invalid parameter type for 'guest-stats-polling-interval', expected: integer"
+        )
+    if value < 0:
+        raise CommandFailed("timer value must be greater than zero")
+    if value > UINT32_MAX:
+        raise CommandFailed("timer value is too big")
+    return value
+
+
+def listed_properties(machine: SimMachine) -> dict[str, PropInfo]:
+    """device-list-properties of the balloon this VM's profile plugs, by name, in order."""
+    listing = {
+        info.name: info
+        for info in machine.qemu.device_properties
+        if info.name not in _PROFILE_PROPERTIES or info.name in PROPERTIES[machine.profile.name]
+    }
+    if "sg" in PROPERTIES[machine.profile.name]:
+        listing["sg"] = _SG_PROPERTY
+    return listing
+
+
+def device_properties(machine: SimMachine, typename: str) -> list[JsonObject]:
+    """qmp_device_list_properties (qom/qom-qmp-cmds.c) for the balloon's driver."""
+    if typename != "virtio-balloon-pci":
+        # The sim knows no other device type (QEMU would list a real one's properties).
+        raise CommandFailed(f"Device '{typename}' not found", error_class="DeviceNotFound")
+    out: list[JsonObject] = []
+    for info in listed_properties(machine).values():
+        # ObjectPropertyInfo members in schema order; the writer gives them QEMU's order.
+        item: JsonObject = {"name": info.name, "type": info.type}
+        if info.description is not None:
+            item["description"] = info.description
+        if info.default is not NO_DEFAULT:
+            item["default-value"] = info.default
+        out.append(item)
+    return out
+
+
 def _balloon_at(machine: SimMachine, path: str) -> SimBalloon | None:
     balloon = machine.balloon
     if balloon is not None and path in (device_path(balloon.dev_id), backend_path(balloon.dev_id)):
@@ -162,7 +133,7 @@ def get(machine: SimMachine, path: str, prop: str) -> Any:
         return _balloon_get(machine, balloon, path, prop)
     for bus in machine.buses:
         if path == bus_path(bus):
-            return _bus_get(bus, prop)
+            return _bus_get(machine, bus, prop)
         if bus != "pcie.0" and path == f"{PERIPHERAL}/{bus}":
             return _port_get(bus, prop)
     if path == LPC_PATH:
@@ -202,11 +173,6 @@ def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str)
         return balloon.bus != "pcie.0"
     if prop == "hotplugged":
         return balloon.hotplugged
-    if prop == "addr":
-        # devfn: slot 1 on pcie.0 (after the host bridge), slot 0 behind a root port.
-        return 8 if balloon.bus == "pcie.0" else 0
-    if not path.endswith("/virtio-backend") and prop in _FIXED_VALUES:
-        return _FIXED_VALUES[prop]
     if prop == "parent_bus":
         if path.endswith("/virtio-backend"):
             return f"{device_path(balloon.dev_id)}/virtio-bus"
@@ -214,18 +180,47 @@ def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str)
     if prop in PROPERTIES[balloon.profile.name]:
         _, default = PROPERTIES[balloon.profile.name][prop]
         return balloon.props.get(prop, default)
-    raise CommandFailed(f"Property '{_type_name(path)}.{prop}' not found")
+    listed = listed_properties(machine)
+    if path.endswith("/virtio-backend") or prop not in listed:
+        raise CommandFailed(f"Property '{_type_name(path)}.{prop}' not found")
+    return _pci_value(machine, balloon, listed[prop])
 
 
-def _bus_get(bus: str, prop: str) -> Any:
+def _pci_value(machine: SimMachine, balloon: SimBalloon, info: PropInfo) -> Scalar:
+    """What qom-get reads of a listed property the sim does not model: where the balloon
+    sits decides ``addr``, ``busnr`` and ``disable-legacy``; the rest is QEMU's default or,
+    where realize changes it, what the recording read (QemuProfile.live_values)."""
+    on_root = balloon.bus == "pcie.0"
+    if info.name == "addr":
+        # devfn: slot 1 on pcie.0 (after the host bridge), slot 0 behind a root port.
+        return 8 if on_root else 0
+    if info.name == "busnr":
+        # hw/pci/pci.c prop_pci_busnr_get: the bus number the guest gave the balloon's bus
+        # (0 for pcie.0; the guest numbered rp1's secondary bus 1, qemu-10.0/properties.json).
+        return 0 if on_root else 1 + machine.buses[1:].index(balloon.bus)
+    if info.name == "disable-legacy":
+        # hw/virtio/virtio-pci.c virtio_pci_realize: "auto" is legacy off behind a PCIe port
+        # and on a root bus (qemu-*/properties.json "on", qemu-7.2/introspect.json "off").
+        return "off" if on_root else "on"
+    if info.name in machine.qemu.live_values:
+        return machine.qemu.live_values[info.name]
+    if info.default is not NO_DEFAULT:
+        return info.default
+    return ""  # an unset string or link reads as "" (qom/object.c)
+
+
+def _bus_get(machine: SimMachine, bus: str, prop: str) -> Any:
     if prop == "type":
         return "PCIE"
     if prop == "realized":
         return True
     if prop == "hotplug-handler":
-        # q35's pcie.0 has no hotplug handler; a root port's bus is handled by ACPI PCI
-        # hotplug in the ICH9 LPC bridge (QEMU 7.2's q35 default).
-        return "" if bus == "pcie.0" else LPC_PATH
+        # A root port's bus is handled by ACPI PCI hotplug in the ICH9 LPC bridge (q35's
+        # default); q35's pcie.0 has no handler on 7.2 and the same LPC on 10.0, which
+        # still refuses hotplug there (QemuProfile.root_bus_hotplug_handler).
+        if bus == "pcie.0" and not machine.qemu.root_bus_hotplug_handler:
+            return ""
+        return LPC_PATH
     if prop == "acpi-pcihp-bsel" and bus != "pcie.0":
         return 1 + ("rp1", "rp2").index(bus)
     raise CommandFailed(f"Property 'PCIE.{prop}' not found")
@@ -238,27 +233,21 @@ def set_(machine: SimMachine, path: str, prop: str, value: object) -> None:
         raise _not_found(path)
     if prop != "guest-stats-polling-interval":
         _balloon_get(machine, balloon, path, prop)  # unknown property: QEMU's error
-        # guest-stats is an alias of the backend's property: QEMU names the backend's type.
-        owner = "virtio-balloon-device" if prop == "guest-stats" else _type_name(path)
-        raise CommandFailed(f"Property '{owner}.{prop}' is not writable")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise CommandFailed(
-            "Invalid parameter type for 'guest-stats-polling-interval', expected: integer"
-        )
-    # balloon_stats_set_poll_interval
-    if value < 0:
-        raise CommandFailed("timer value must be greater than zero")
-    if value > UINT32_MAX:
-        raise CommandFailed("timer value is too big")
-    balloon.set_poll_interval(value)
+        raise not_writable(path, prop)
+    balloon.set_poll_interval(poll_interval(value))
 
 
 def list_(machine: SimMachine, path: str) -> list[JsonObject]:
     """qmp_qom_list: the properties balloonctl and QEMU users look at."""
     balloon = _balloon_at(machine, path)
     if balloon is not None:
-        props = [{"name": name, "type": kind} for name, kind in _PCI_PROPERTIES]
-        if "sg" in PROPERTIES[balloon.profile.name]:
+        own = PROPERTIES[balloon.profile.name]
+        props: list[JsonObject] = [
+            {"name": name, "type": kind}
+            for name, kind in machine.qemu.qom_list
+            if name not in _PROFILE_PROPERTIES or name in own
+        ]
+        if "sg" in own:
             props.insert(-3, {"name": "sg", "type": "bool"})
         return props
     if path == PERIPHERAL:
@@ -288,13 +277,14 @@ def _guest_stats(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
 
 
 # --- x-query-virtio-status and friends ---------------------------------------------------------
-def _feature_strings(profile: Profile, mask: int) -> JsonObject:
-    """qmp_decode_features: transports in QEMU's map order, device bits highest first,
-    what QEMU has no string for as ``unknown-dev-features`` (present only when non-zero)."""
+def _feature_strings(profile: Profile, mask: int, transport_order: tuple[str, ...]) -> JsonObject:
+    """qmp_decode_features: transports in QEMU's order (``transport_order``, the version's
+    map reversed), device bits highest first, what QEMU has no string for as
+    ``unknown-dev-features`` (present only when non-zero)."""
     by_name = {bit.name: bit for bit in profile.bits}
     transports = [
         _describe(by_name[name])
-        for name in _TRANSPORT_ORDER
+        for name in transport_order
         if name in by_name and mask & by_name[name].mask
     ]
     device = [
@@ -302,7 +292,7 @@ def _feature_strings(profile: Profile, mask: int) -> JsonObject:
         for bit in sorted(profile.device_features, key=lambda b: -b.bit)
         if mask & bit.mask
     ]
-    known = sum(by_name[n].mask for n in _TRANSPORT_ORDER if n in by_name) | sum(
+    known = sum(by_name[n].mask for n in transport_order if n in by_name) | sum(
         bit.mask for bit in profile.device_features
     )
     out: JsonObject = {"transports": transports, "dev-features": device}
@@ -322,13 +312,14 @@ def _statuses(status: int) -> JsonObject:
 def virtio_status(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
     """x-query-virtio-status on the balloon's backend."""
     device = balloon.device
+    order = machine.qemu.transport_order
     return {
         "name": "virtio-balloon",
         "device-id": VIRTIO_ID_BALLOON,
         "vhost-started": False,
         "device-endian": "little",
-        "guest-features": _feature_strings(balloon.profile, device.acked),
-        "host-features": _feature_strings(balloon.profile, device.offered),
+        "guest-features": _feature_strings(balloon.profile, device.acked, order),
+        "host-features": _feature_strings(balloon.profile, device.offered, order),
         "backend-features": {"transports": [], "dev-features": []},  # no vhost backend
         "num-vqs": len(device.queue_roles) if device.acked else _max_queues(balloon),
         "status": _statuses(device.status),
@@ -366,15 +357,18 @@ def _queue(balloon: SimBalloon, index: int) -> tuple[BalloonQueue, Any]:
     return role, balloon.device.queues[role]
 
 
-def queue_status(balloon: SimBalloon, index: int) -> JsonObject:
-    """x-query-virtio-queue-status: where the rings are and how far each side got."""
-    _, queue = _queue(balloon, index)
+def queue_status(machine: SimMachine, balloon: SimBalloon, index: int) -> JsonObject:
+    """x-query-virtio-queue-status: where the rings are and how far each side got.
+
+    ``vring-num-default`` is the size the device created the queue with (the QEMU
+    version's), ``vring-num`` the size the driver set up (Linux takes the default)."""
+    role, queue = _queue(balloon, index)
     return {
         "name": "virtio-balloon",
         "queue-index": index,
         "inuse": queue.in_flight,
         "vring-num": queue.size,
-        "vring-num-default": queue.size,
+        "vring-num-default": machine.qemu.queue_sizes[role],
         "vring-align": 4096,
         "vring-desc": queue.desc,
         "vring-avail": queue.avail,
@@ -434,5 +428,5 @@ def queue_element(balloon: SimBalloon, index: int, element: int | None) -> JsonO
 
 
 def _describe(bit: FeatureBit) -> str:
-    """A feature as QEMU 7.2 prints it."""
+    """A feature as QEMU prints it ("MACRO: description", 7.2 and 10.0 alike)."""
     return f"{bit.macro}: {bit.description}"

@@ -44,17 +44,15 @@ def layout(
         return [Served(base, qmp)]
     return [
         Served(
-            VmSpec(
+            # Everything else (profile, QEMU version, rate, bus) as ``base`` says.
+            replace(
+                base,
                 name=f"vm{i}",
-                profile=base.profile,
                 guest=replace(
                     base.guest,
                     workload=workloads[i % len(workloads)] if workloads else base.guest.workload,
                     phase=(i * 60.0 / count) if count > 1 else 0.0,
                 ),
-                rate=base.rate,
-                hotplug=base.hotplug,
-                boot_probe_s=base.boot_probe_s,
             ),
             os.path.join(qmp_dir, f"vm{i}.sock"),
         )

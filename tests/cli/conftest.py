@@ -235,6 +235,7 @@ class SimFactory(Protocol):
         workload: str | None = None,
         rate: str | None = None,
         time_scale: float | None = None,
+        qemu_version: str | None = None,
     ) -> Sim: ...
 
 
@@ -302,6 +303,7 @@ class SimPool:
         workload: str | None = None,
         rate: str | None = None,
         time_scale: float | None = None,
+        qemu_version: str | None = None,
     ) -> Sim:
         """Start one and wait until its guest driver is up."""
         sock = str(self.directory / f"{name}.sock")
@@ -314,6 +316,8 @@ class SimPool:
             argv += ["--rate", rate]
         if time_scale is not None:
             argv += ["--time-scale", repr(time_scale)]
+        if qemu_version is not None:
+            argv += ["--qemu-version", qemu_version]
         log = self.directory / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(

@@ -270,6 +270,7 @@ def test_status_does_not_import_numpy(shared_sim: Sim) -> None:
         (["--rate", "0"], "--rate"),
         (["--profile", "virtio-9"], "virtio-9"),
         (["--workload", "crypto"], "crypto"),
+        (["--qemu-version", "9.2"], "9.2"),
     ],
 )
 def test_sim_bad_options_exit_2(sock_dir: Path, args: list[str], fragment: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from balloonctl.sim.guest import GuestSpec
 from balloonctl.sim.machine import SimMachine, VmSpec
+from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION
 from tests.sim.rawqmp import RawQmp
 
 
@@ -23,12 +24,10 @@ async def running_vm(
     rate: int = 1 << 30,
     time_scale: float = 1.0,
     kernel: int | None = None,
-    extended_stats: bool = True,
+    qemu_version: str = DEFAULT_QEMU_VERSION,
 ) -> AsyncIterator[tuple[SimMachine, RawQmp]]:
-    """A booted simulated VM (driver bound) and a negotiated raw QMP client.
-
-    ``extended_stats=False`` makes guest-stats QEMU 7.2's ten names (VmSpec.extended_stats).
-    """
+    """A booted simulated VM (driver bound) answering as QEMU ``qemu_version``, and a
+    negotiated raw QMP client."""
     stopping: list[asyncio.Task[None]] = []
 
     def on_quit(machine: SimMachine) -> None:
@@ -41,7 +40,7 @@ async def running_vm(
         rate=rate,
         hotplug=hotplug,
         boot_probe_s=0.0,
-        extended_stats=extended_stats,
+        qemu_version=qemu_version,
     )
     machine = SimMachine(spec, on_quit)
     path = str(tmp_path / "vm.sock")
