@@ -156,6 +156,31 @@ def add_commands(commands: Any, emit: Emit) -> None:
     )
     reproduce.set_defaults(func=functools.partial(_dispatch, "reproduce", emit))
 
+    differential = actions.add_parser(
+        "differential",
+        parents=[common],
+        help="vring parse against rust-vmm's virtio-queue: corpora, then random rings",
+        description="Pop every ring of the committed corpus and of the vring_image campaign "
+        "corpus (WORKDIR/corpus/vring_image) with balloonctl's parser and with rust-vmm's "
+        "virtio-queue crate (fuzz/virtio_queue_oracle, built with Debian's packaged crate), "
+        "then random and mutated rings until --time is up. Exit 3 on a disagreement that "
+        "docs/differential-virtio-queue.md does not explain (written to ARTIFACTS); exit 1, "
+        "saying NOT RUN, where the crate cannot be built (it is packaged for Debian 13).",
+    )
+    differential.add_argument(
+        "--time", type=_positive, default=30, metavar="S", help="seconds in all (default 30)"
+    )
+    differential.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the random rings (default: the clock)"
+    )
+    differential.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="campaign state: corpus/vring_image/ is replayed, findings go to artifacts/ "
+        "(default $XDG_CACHE_HOME/balloonctl/fuzz)",
+    )
+    differential.set_defaults(func=functools.partial(_dispatch, "differential", emit))
+
     coverage = actions.add_parser(
         "coverage",
         parents=[common],

@@ -670,6 +670,76 @@ def render_reproduce(report: Report) -> str:
     return f"{report['line']}\n"
 
 
+#: fuzz/differential.py's exit status when the oracle cannot be built on this machine.
+_DIFFERENTIAL_NOT_RUN = 4
+#: Beyond --time: a cold build of the oracle (about 10 s on 2 cores; its own limit is 600 s).
+_DIFFERENTIAL_GRACE_S = 660.0
+
+
+def cmd_differential(args: argparse.Namespace) -> tuple[Report, int]:
+    """Run ``fuzz/differential.py fuzz`` (a subprocess: the package never imports fuzz/)
+    on the committed corpus and the vring_image campaign's working corpus."""
+    tree = locate(args.fuzz_dir)
+    script = tree.fuzz_dir / "differential.py"
+    if not script.is_file():
+        raise UsageError(f"no {script}: the differential oracle lives there")
+    workdir = Path(args.workdir).resolve() if args.workdir else state_dir()
+    seed = args.seed if args.seed is not None else time.time_ns() & 0xFFFFFFFF
+    cmd = [sys.executable, str(script), "fuzz", "--time", str(args.time), "--seed", str(seed)]
+    cmd += ["--corpus", str(tree.root / "fixtures" / "corpus")]
+    working = workdir / "corpus" / "vring_image"
+    if working.is_dir():
+        cmd += ["--corpus", str(working)]
+    cmd += ["--artifacts", str(workdir / "artifacts")]
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=_env(),
+            timeout=args.time + _DIFFERENTIAL_GRACE_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise FuzzerFailed(f"differential.py did not finish within {args.time} s") from None
+    lines = proc.stdout.strip().splitlines()
+    try:
+        report: Report = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        report = {}
+    if proc.returncode == _DIFFERENTIAL_NOT_RUN and report.get("status") == "not-run":
+        print(f"balloonctl: differential NOT RUN: {report['reason']}", file=sys.stderr)
+        return report, 1
+    if proc.returncode not in (EXIT_OK, EXIT_FINDING) or report.get("status") != "ran":
+        raise FuzzerFailed(
+            f"differential.py exited with status {proc.returncode} without its report: "
+            f"{_last_words(proc.stdout)}"
+        )
+    for entry in report["unexplained"]:
+        print(f"balloonctl: finding: {entry.get('artifact', entry['ring'])}", file=sys.stderr)
+    return report, EXIT_FINDING if report["unexplained"] else EXIT_OK
+
+
+def render_differential(report: Report) -> str:
+    if report.get("status") == "not-run":
+        return f"differential against virtio-queue: NOT RUN: {report['reason']}\n"
+    lines = [
+        f"differential against virtio-queue: {report['compared']:,} rings "
+        f"({report['replayed']:,} from corpora, {report['generated']:,} generated, seed "
+        f"{report['seed']}) in {report['seconds']:.1f} s; {report['agreed']:,} agree exactly",
+    ]
+    lines += [f"  {kind:<36} {count:>9,}" for kind, count in report["kinds"].items()]
+    if report["unexplained"]:
+        lines.append(f"unexplained disagreements: {len(report['unexplained'])}")
+        for entry in report["unexplained"][:10]:
+            lines.append(f"  {entry.get('artifact', entry['ring'])}: {entry['why'][0]}")
+    else:
+        lines.append("no unexplained disagreement (docs/differential-virtio-queue.md)")
+    return "\n".join(lines) + "\n"
+
+
 def _coverage(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "coverage", *args],
