@@ -1,4 +1,5 @@
-"""The daemon's unit under a real systemd: a Debian 13 root booted with systemd 257 as PID 1.
+"""The daemon's unit under a real systemd: a root of the running stack's Debian release
+(systemd 252 on Debian 12, 257 on Debian 13) booted with systemd as PID 1.
 
 tests/daemon/test_systemd_unit.py checks the unit offline (``systemd-analyze``); what only a
 running systemd shows is checked here: that ``Type=notify`` holds the unit in ``activating``
@@ -8,7 +9,9 @@ pinging and ``Restart=`` brings it back, that ``systemctl stop`` is prompt, that
 has one line per move, and that the sandbox (no capabilities, private user namespace,
 read-only system, seccomp filter, loopback-only IP) leaves the daemon everything it needs.
 
-How: a Debian 13 root (``fixtures/debian_root.py``, cached in ~/.cache/balloonctl/roots) with
+How: a root of this machine's Debian release (``fixtures/debian_root.py``, cached in
+~/.cache/balloonctl/roots; ``make test-debian13`` runs this module in Debian 13, ``make test``
+on a Debian 12 machine in Debian 12) with
 systemd, dbus and what the README's install section asks for; balloonctl and the unit are
 installed into it by running that section's commands, verbatim but for ``sudo`` (so a README
 that stops working fails here); then it is booted once for the module with ``systemd-nspawn
@@ -67,17 +70,28 @@ from tests.cli.conftest import RawQmpClient
 
 pytestmark = pytest.mark.skipif(
     in_chroot(),
-    reason="in a chroot (make test-debian13's Debian 13 root): the kernel refuses user "
-    "namespaces to chrooted processes, so a machine booted from here cannot set up the unit's "
-    "PrivateUsers=; the systemd tests run on the host stack, where they boot the Debian 13 root",
+    reason="in a chroot: the kernel refuses user namespaces to chrooted processes, so a "
+    "machine booted from here cannot set up the unit's PrivateUsers=; make test-debian13 "
+    "enters its root with pivot_root (fixtures/debian_root.py run), where these tests run",
 )
+
+
+def _running_suite() -> str:
+    """This machine's Debian codename (bookworm, trixie): the stack under test."""
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key == "VERSION_CODENAME" and value.strip('"') in ("bookworm", "trixie"):
+                return value.strip('"')
+    return "trixie"  # another distribution: the newer stable release
+
 
 REPO: Final = Path(__file__).resolve().parents[2]
 README: Final = REPO / "README.md"
 UNIT: Final = "balloonctl-autoballoon.service"
-SUITE: Final = "trixie"
+SUITE: Final = _running_suite()
 #: The cached root, apart from make test-debian13's (which has no systemd and is shared).
-ROOT_NAME: Final = "trixie-systemd"
+ROOT_NAME: Final = f"{SUITE}-systemd"
 #: Beyond what the README asks for: pip must trust this host's extra certificates.
 EXTRA_PACKAGES: Final = ("ca-certificates",)
 
