@@ -102,6 +102,10 @@ _NOT_CARRIED: Final = frozenset(
     }
 )
 
+#: x-query-virtio's refusal on a VM without any virtio device (QEMU 10, recorded in
+#: fixtures/transcripts/qemu-10.0, hw/virtio/virtio-qmp.c qmp_x_query_virtio); 7.2 lists none.
+_NO_VIRTIO_DEVICES: Final = "No virtio devices found"
+
 #: device_add's refusal of a property that has a getter but no setter (qom/object.c
 #: object_property_set: "Property '%s.%s' is not writable"). device-list-properties lists such
 #: properties without saying they are read-only: QEMU 10 lists ``busnr`` (the PCI bus number,
@@ -442,6 +446,13 @@ class QmpVocabulary:
         except NoQmpCarrier:
             raise
         except CommandFailed as exc:
+            if _NO_VIRTIO_DEVICES in str(exc):
+                # QEMU 10 (hw/virtio/virtio-qmp.c qmp_x_query_virtio) refuses instead of
+                # listing nothing as 7.2 does: no virtio device at all, so no balloon.
+                raise CommandFailed(
+                    f"VM {self.name} has no balloon device (x-query-virtio: no virtio devices)",
+                    error_class="DeviceNotActive",
+                ) from exc
             # CommandNotFound before QEMU 7.2.
             _LOG.debug("x-query-virtio unavailable (%s); assuming %s", exc, DEFAULT_BALLOON_PATH)
             location = None

@@ -1468,6 +1468,25 @@ def test_no_balloon_listed_by_x_query_virtio(sock: str) -> None:
     assert peer.count("qom-get") == 0
 
 
+def test_no_virtio_device_at_all_on_qemu_10(sock: str) -> None:
+    """QEMU 10 refuses x-query-virtio when no virtio device exists (7.2 lists none)."""
+    vm = FakeQemu()
+    vm.balloon = None
+
+    async def body(backend: QmpBackend, peer: HostilePeer) -> None:
+        for call in (backend.stats, backend.features, backend.stats_period):
+            peer.script("x-query-virtio", Fail("GenericError", "No virtio devices found"))
+            with pytest.raises(CommandFailed) as info:
+                await call()
+            assert info.value.error_class == "DeviceNotActive"
+            assert "has no balloon device" in str(info.value)
+            assert_one_line(info.value)
+
+    _, peer = session(sock, body, vm=vm)
+    assert peer.count("qom-get") == 0
+    assert peer.count("x-query-virtio-status") == 0
+
+
 def test_concurrent_queries_on_one_dropped_connection(sock: str) -> None:
     async def body(backend: QmpBackend, peer: HostilePeer) -> list[int]:
         await backend.actual()

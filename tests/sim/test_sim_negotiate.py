@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from balloonctl import vmcmds
+from balloonctl.errors import CommandFailed
 from balloonctl.sim.machine import SimMachine
 from tests.sim.conftest import running_vm
 
@@ -81,5 +82,27 @@ def test_negotiate_replugs_a_virtio_1_2_balloon(tmp_path: Path, qemu_version: st
                 assert {k: v for k, v in first.items() if k != "busnr"} == args
                 assert args["vectors"] == 2
             assert await qmp.ok("qom-get", {"path": BALLOON, "property": "hotplugged"}) is True
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("qemu_version", ["7.2", "10.0"])
+def test_a_vm_without_a_balloon_says_so_on_either_version(
+    tmp_path: Path, qemu_version: str
+) -> None:
+    """7.2 lists no virtio device, 10.0 refuses x-query-virtio ("No virtio devices found"):
+    features and status give one answer, the one query-balloon gives."""
+
+    async def body() -> None:
+        async with running_vm(tmp_path, qemu_version=qemu_version) as (vm, qmp):
+            await qmp.ok("device_del", {"id": "balloon0"})
+            deadline = asyncio.get_running_loop().time() + 10
+            while vm.balloon is not None:
+                assert asyncio.get_running_loop().time() < deadline, "balloon never unplugged"
+                await asyncio.sleep(0.05)
+            with pytest.raises(CommandFailed) as info:
+                await vmcmds.features(str(tmp_path / "vm.sock"))
+            assert info.value.error_class == "DeviceNotActive"
+            assert "has no balloon device" in str(info.value)
 
     asyncio.run(body())
