@@ -87,7 +87,7 @@ FEATURE_PROPERTIES: Final[Mapping[str, str]] = {
 #: runtime state, not configuration. The polling interval is restored with qom-set after the
 #: driver is back (setting it before realize would start QEMU's timer on a device with no
 #: stats queue yet).
-_NOT_CARRIED: Final = frozenset(
+NOT_CARRIED: Final = frozenset(
     {
         "guest-stats",
         "guest-stats-polling-interval",
@@ -583,7 +583,7 @@ class QmpVocabulary:
             name, kind = info.get("name"), info.get("type")
             if not isinstance(name, str) or not isinstance(kind, str):
                 raise PeerError("device-list-properties: an entry without 'name' and 'type'")
-            if name in _NOT_CARRIED or name.startswith("legacy-") or kind.startswith("child<"):
+            if name in NOT_CARRIED or name.startswith("legacy-") or kind.startswith("child<"):
                 continue
             try:
                 value = await self._qom_get(location.device, name)
