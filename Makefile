@@ -62,18 +62,25 @@ system-deps:
 	  fi; \
 	fi
 
-$(BIN)/python: | system-deps
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+# The venv is stamped with the Python that made it. One made by another Python (before an
+# upgrade from Debian 12 to 13, say) is made anew: its packages sit in another
+# lib/pythonX.Y while its bin/python follows the system's python3.
+VENV_PY := $(VENV)/.python-$(PYVER)
+
+$(VENV_PY): | system-deps
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	touch $@
 
 # The test tools are locked, one constraints file per supported Python (requirements/), so a
 # newcomer gets exactly what CI got; `make lock` regenerates them. balloonctl's own runtime
 # dependencies keep ranges in pyproject.toml. Reinstall whenever either file changes.
-PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 LOCK_PYTHONS := 3.11 3.13
 LOCK := requirements/test-py$(PYVER).txt
 
-$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) $(VENV_PY)
 	@if [ -f $(LOCK) ]; then \
 	  echo "$(BIN)/pip install -q -c $(LOCK) -e '.[test]'"; \
 	  $(BIN)/pip install -q -c $(LOCK) -e '.[test]'; \
@@ -86,7 +93,7 @@ $(VENV)/.installed: pyproject.toml $(wildcard $(LOCK)) $(BIN)/python
 
 # Regenerate requirements/test-pyX.Y.txt for every supported Python, from pyproject.toml's
 # ranges, with uv's resolver (it resolves for a Python version it does not run on).
-lock: $(BIN)/python
+lock: $(VENV_PY)
 	$(BIN)/pip install -q 'uv>=0.5'
 	@for v in $(LOCK_PYTHONS); do \
 	  $(BIN)/uv pip compile pyproject.toml --extra test --python-version $$v \
@@ -156,7 +163,8 @@ clean:
 
 # The other stack: `make test` and `make demo` in a Debian root built from Debian's packages
 # with mmdebstrap (cached in ~/.cache/balloonctl/roots; see fixtures/debian_root.py), the
-# checkout copied in, chrooted with /proc, /sys, /dev and a private /tmp. Needs root.
+# checkout copied in, entered with pivot_root with /proc, /sys, /dev and a private /tmp. Needs
+# root.
 test-debian13: DEBIAN_SUITE := trixie
 test-debian12: DEBIAN_SUITE := bookworm
 test-debian12 test-debian13:

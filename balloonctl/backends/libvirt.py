@@ -480,6 +480,11 @@ def _close_abandoned(
     _libvirt_thread().submit(close)
 
 
+#: The first QEMU that names tags 10-15 in guest-stats (9.2.0), as virConnectGetVersion
+#: writes it.
+QEMU_NAMES_EXTENDED_STATS: Final = 9_002_000
+
+
 class _Session:
     """One open connection and the domain looked up on it; ``closed`` once libvirt says so."""
 
@@ -765,6 +770,9 @@ class LibvirtBackend(QmpVocabulary):
         in ``unavailable``.
         """
         reading = normalize_stats(await self._memory_stats())
+        if self._extended_stats is None and await self._qemu_before_9_2():
+            self._extended_stats = False  # nothing to ask for: no passthrough, no taint
+            self._extended_missing = {}
         if self._extended_stats is False:
             return replace(reading, unavailable=dict(self._extended_missing))
         try:
@@ -797,6 +805,27 @@ class LibvirtBackend(QmpVocabulary):
                 return reading
         extended = {name: qemu.stats[name] for name in EXTENDED_STAT_NAMES if name in qemu.stats}
         return replace(reading, stats={**reading.stats, **extended})
+
+    async def _qemu_before_9_2(self) -> bool:
+        """Whether libvirt's QEMU driver runs a QEMU too old to name tags 10-15 (before 9.2).
+
+        Then :meth:`stats` sends no passthrough at all: each one marks the domain "tainted:
+        custom-monitor" in its log, which is worth it only where QEMU has something to give.
+        virConnectGetVersion is the QEMU binary's version (major * 1,000,000 + minor * 1,000
+        + micro). Another driver, or no answer, is not "too old": the reply decides.
+        """
+        session = self._session
+
+        def version() -> int | None:
+            if session is None:
+                return None
+            with contextlib.suppress(libvirt.libvirtError):
+                if session.conn.getType() == "QEMU":
+                    return int(session.conn.getVersion())
+            return None
+
+        found = await _libvirt_thread().call(version)
+        return found is not None and found < QEMU_NAMES_EXTENDED_STATS
 
     async def _memory_stats(self) -> Mapping[str, int]:
         raw: Mapping[str, int] = await self._call(

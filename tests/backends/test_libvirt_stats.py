@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import libvirt
 import libvirt_qemu
 import pytest
 
@@ -188,3 +189,19 @@ def test_malformed_qemu_statistics_are_a_peer_error(monitor: FakeMonitor) -> Non
     monitor.stats = {**QEMU_10_TEN, "stat-oom-kills": "many"}  # type: ignore[dict-item]
     with pytest.raises(PeerError, match="stat-oom-kills"):
         _stats()
+
+
+@pytest.mark.parametrize(("version", "asked"), [(7_002_022, False), (10_000_013, True)])
+def test_a_qemu_driver_older_than_9_2_is_not_asked_at_all(
+    monitor: FakeMonitor, monkeypatch: pytest.MonkeyPatch, version: int, asked: bool
+) -> None:
+    """libvirt's QEMU driver names the QEMU it runs: before 9.2 there is nothing to ask for,
+    and every passthrough would taint the domain ("custom-monitor") for nothing."""
+    # The test driver's connection, dressed as the QEMU driver's.
+    monkeypatch.setattr(libvirt.virConnect, "getType", lambda self: "QEMU")
+    monkeypatch.setattr(libvirt.virConnect, "getVersion", lambda self: version)
+    monitor.stats = dict(QEMU_10_TEN)
+    (reading,) = _stats()
+    assert (monitor.count("qom-get") > 0) is asked
+    assert not set(EXTENDED_STAT_NAMES) & set(reading.stats)
+    assert reading.unavailable == {}

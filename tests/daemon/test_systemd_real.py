@@ -22,13 +22,14 @@ users to put them: the unit's PrivateTmp= hides /tmp), a fifth socket accepts co
 never answers (a hung VM), and the host the daemon sees is a fake /proc/meminfo under /run
 that the tests rewrite.
 
-Needs root (mmdebstrap, chroot, nspawn), mmdebstrap and systemd-container (the Makefile's
-system-deps installs both), and the network on the first run (Debian's mirror, PyPI):
-without them these tests fail, with the reason. They are skipped, with the reason, in one
-place only: inside a chroot, as ``make test-debian13`` runs the suite (``debian_root.py
-run``), where the kernel refuses user namespaces to every process, the machine's included,
-so the unit's PrivateUsers= cannot be set up (``status=217/USER``). They pass there when
-that root is entered with pivot_root instead (``run_in_root(pivot=True)``).
+Needs mmdebstrap and systemd-container (the Makefile's system-deps installs both) and the
+network on the first run (Debian's mirror, PyPI): without them these tests fail, with the
+reason. They are skipped, with the reason, in two places: as a user other than root (building
+a root and booting a machine need root; ``make test`` installs packages as root or through
+sudo, and CI runs as root), and inside a chroot, where the kernel refuses user namespaces to
+every process, the machine's included, so the unit's PrivateUsers= cannot be set up
+(``status=217/USER``). ``make test-debian13`` enters its root with pivot_root
+(``debian_root.py run``), so they run there too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import os
 import re
 import shlex
 import socket
@@ -68,12 +70,19 @@ from fixtures.debian_root import (
 )
 from tests.cli.conftest import RawQmpClient
 
-pytestmark = pytest.mark.skipif(
-    in_chroot(),
-    reason="in a chroot: the kernel refuses user namespaces to chrooted processes, so a "
-    "machine booted from here cannot set up the unit's PrivateUsers=; make test-debian13 "
-    "enters its root with pivot_root (fixtures/debian_root.py run), where these tests run",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0,
+        reason="not root: building a Debian root (mmdebstrap) and booting it under systemd "
+        "(systemd-nspawn) need root; CI runs them as root",
+    ),
+    pytest.mark.skipif(
+        in_chroot(),
+        reason="in a chroot: the kernel refuses user namespaces to chrooted processes, so a "
+        "machine booted from here cannot set up the unit's PrivateUsers=; make test-debian13 "
+        "enters its root with pivot_root (fixtures/debian_root.py run), where these tests run",
+    ),
+]
 
 
 def _running_suite() -> str:
