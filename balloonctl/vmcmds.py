@@ -296,8 +296,9 @@ async def _wait_for(
 
 # --- stats --------------------------------------------------------------------------------------
 def stats_report(vm: str, reading: GuestStats) -> dict[str, Any]:
-    """DESIGN.md's ``stats`` object; ``unavailable`` ({NAME: why}) only when the backend
-    knows statistics it could not read (libvirt without QMP passthrough)."""
+    """``stats --json``'s object (README, "Managing a VM"); ``unavailable`` ({NAME: why})
+    only when the backend knows statistics it could not read (libvirt without QMP
+    passthrough)."""
     report: dict[str, Any] = {"vm": vm, "last_update": reading.last_update, "stats": reading.stats}
     if reading.unavailable:
         report["unavailable"] = reading.unavailable

@@ -758,7 +758,7 @@ class LibvirtBackend(QmpVocabulary):
         )
 
     async def stats(self) -> GuestStats:
-        """``memoryStats()`` normalized (DESIGN.md names, bytes: :func:`normalize_stats`),
+        """``memoryStats()`` normalized (virtio.spec.STAT_NAMES, bytes: :func:`normalize_stats`),
         with tags 10-15 from QEMU's ``guest-stats`` through the passthrough.
 
         libvirt's memoryStats drops them (see the module's docstring), and a libvirt user
