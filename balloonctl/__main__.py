@@ -2,6 +2,6 @@
 
 import sys
 
-from balloonctl.cli import main
+from balloonctl.cli.main import main
 
 sys.exit(main())

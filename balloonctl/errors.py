@@ -1,7 +1,7 @@
 """Every error balloonctl raises on purpose, under one root.
 
 Callers catch :class:`BalloonError` and get a one-line message; the CLI maps the branch to
-an exit code (see ``balloonctl.cli``). Anything that is not a ``BalloonError`` escaping from
+an exit code (see ``balloonctl.cli.main``). Anything that is not a ``BalloonError`` escaping from
 balloonctl is a bug, and the fuzz harnesses treat it as a finding.
 
 The tree::

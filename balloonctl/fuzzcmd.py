@@ -1,6 +1,6 @@
 """``balloonctl fuzz``: the command line of the atheris fuzz campaigns.
 
-Only argparse here: ``balloonctl.cli`` builds this part of its parser on every run, so the
+Only argparse here: ``balloonctl.cli.main`` builds this part of its parser on every run, so the
 work (subprocesses, tempfile, coverage, libFuzzer log parsing) lives in
 ``balloonctl.fuzzrunner``, imported when a fuzz command actually runs. See that module for
 why the harnesses run as subprocesses and where a campaign keeps its state.

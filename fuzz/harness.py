@@ -50,8 +50,9 @@ import numpy as np
 from balloonctl import errors
 from balloonctl.backends import libvirt as libvirt_backend
 from balloonctl.backends import qmpvocab
-from balloonctl.config import ConfigError
-from balloonctl.config import load as load_config
+from balloonctl.cli.vring_commands import parse_queue_status
+from balloonctl.daemon.config import ConfigError
+from balloonctl.daemon.config import load as load_config
 from balloonctl.errors import BalloonError, VirtioError
 from balloonctl.guest.allocator import PageState
 from balloonctl.guest.testbed import Testbed, TestbedConfig
@@ -67,7 +68,6 @@ from balloonctl.virtio.pages import DUPLICATE, NOT_IN_BALLOON, OUT_OF_RAM, expan
 from balloonctl.virtio.queue import Chain, SplitQueue
 from balloonctl.virtio.requests import STATS_BYTES_MAX
 from balloonctl.virtio.spec import BalloonQueue
-from balloonctl.vringdump import parse_queue_status
 
 _T = TypeVar("_T")
 

@@ -1,7 +1,7 @@
 """``balloonctl bench daemon``: what one daemon tick costs with N VMs behind real QMP sockets.
 
 The goal: **1000 VMs, a tick under 1 s, the daemon under 20 % of one core.** So the bench
-runs the real daemon (:class:`balloonctl.daemon.Daemon`, its own collect/decide/act code
+runs the real daemon (:class:`balloonctl.daemon.loop.Daemon`, its own collect/decide/act code
 and QMP backend) against N simulated VMs:
 
 * one ``balloonctl sim --qmp-dir DIR --count N`` process serves all the VMs (small guests,
@@ -49,7 +49,7 @@ from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION, qemu_profile
 from balloonctl.units import format_size
 
 if TYPE_CHECKING:
-    from balloonctl.daemon import Daemon
+    from balloonctl.daemon.loop import Daemon
 
 #: The goal this bench measures against.
 GOAL_VMS: Final = 1000
@@ -302,7 +302,7 @@ def _count_lines(path: str) -> int:
 
 def run(config: DaemonBenchConfig) -> dict[str, Any]:
     """Start the sim, run the daemon for warm-up + ``ticks`` ticks; the report."""
-    from balloonctl import daemon  # noqa: PLC0415
+    from balloonctl.daemon import loop as daemon  # noqa: PLC0415
 
     _validate(config)
     daemon.raise_fd_limit()  # one socket per VM, as `balloonctl daemon` does
@@ -345,9 +345,9 @@ async def _measure(
     total: int,
     proc: subprocess.Popen[bytes],
 ) -> _Run:
-    from balloonctl.config import load  # noqa: PLC0415
-    from balloonctl.daemon import Daemon  # noqa: PLC0415
-    from balloonctl.sdnotify import Notifier  # noqa: PLC0415
+    from balloonctl.daemon.config import load  # noqa: PLC0415
+    from balloonctl.daemon.loop import Daemon  # noqa: PLC0415
+    from balloonctl.daemon.sdnotify import Notifier  # noqa: PLC0415
 
     cfg = load(config_path)
     meminfo = cfg.host.meminfo

@@ -20,9 +20,9 @@ import pytest
 
 from balloonctl.backends.base import GuestStats
 from balloonctl.backends.libvirt import LibvirtBackend
+from balloonctl.cli.vm_commands import render_stats, stats_report
 from balloonctl.errors import PeerError
 from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
-from balloonctl.vmcmds import render_stats, stats_report
 
 URI = "test:///default"
 DOMAIN = "test"

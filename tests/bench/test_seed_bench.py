@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from balloonctl.bench.seed import SeedBenchConfig, run
-from balloonctl.cli import main
+from balloonctl.cli.main import main
 from balloonctl.errors import UsageError
 from balloonctl.virtio.memory import Backing
 

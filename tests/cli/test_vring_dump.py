@@ -20,11 +20,11 @@ from typing import Final
 
 import pytest
 
+from balloonctl.cli.vring_commands import i440fx_split, pc_ranges, q35_split
 from balloonctl.units import PAGE_SIZE
 from balloonctl.virtio import spec
 from balloonctl.virtio.memory import GuestMemory
 from balloonctl.virtio.mock import MockDriverQueue, RingLayout, pfn_array, stats_buffer
-from balloonctl.vringdump import i440fx_split, pc_ranges, q35_split
 from tests.backends.hostile_peer import Fail, FakeQemu, GiB, HostilePeer, MiB, Return, Script
 from tests.cli.conftest import Sim, SimFactory, balloonctl_argv, cli_env, json_out, run_cli
 

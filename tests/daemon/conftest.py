@@ -3,7 +3,7 @@
 The VMs are real ``balloonctl sim`` processes on real unix sockets (started in parallel, ready
 once the guest's driver is up). The host is two files the test rewrites: a meminfo with
 MemTotal/MemAvailable in kB and a PSI file (``[host] meminfo``/``psi``). The daemon runs either
-in-process (:class:`balloonctl.daemon.Daemon`, ticks stepped by the test) or as the CLI in a
+in-process (:class:`balloonctl.daemon.loop.Daemon`, ticks stepped by the test) or as the CLI in a
 subprocess (signals, ``NOTIFY_SOCKET``), see :class:`DaemonProcess`.
 """
 
@@ -28,7 +28,7 @@ import pytest
 
 from balloonctl.backends.base import GuestStats
 from balloonctl.backends.qmp import QmpBackend
-from balloonctl.daemon import Daemon, Link, TickReport
+from balloonctl.daemon.loop import Daemon, Link, TickReport
 from tests.cli.conftest import RawQmpClient, balloonctl_argv, cli_env, stop_process
 
 MiB: Final = 1 << 20

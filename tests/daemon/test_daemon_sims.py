@@ -2,7 +2,7 @@
 policy scenarios and a VM killed mid-tick, against a scripted QMP peer
 (``tests/backends/hostile_peer.py``) for garbage statistics, dropped connections and a hang.
 
-Each scenario builds a :class:`~balloonctl.daemon.Daemon` from a config file (the VMs' QMP
+Each scenario builds a :class:`~balloonctl.daemon.loop.Daemon` from a config file (the VMs' QMP
 sockets, a fake host meminfo in tmp_path, a state directory), calls ``tick()`` itself, and
 checks the decisions, the VMs' sizes as ``query-balloon`` shows them on a connection of the
 test's own, and the log. ``tick(settle=True)`` waits for every VM's answer (as ``--once``
@@ -23,9 +23,9 @@ import pytest
 
 from balloonctl.backends.base import Backend, GuestStats
 from balloonctl.backends.qmp import QmpBackend
-from balloonctl.config import Config
-from balloonctl.config import load as load_config
-from balloonctl.daemon import (
+from balloonctl.daemon.config import Config
+from balloonctl.daemon.config import load as load_config
+from balloonctl.daemon.loop import (
     RETRY_MIN_S,
     BackendFactory,
     Daemon,
@@ -33,8 +33,8 @@ from balloonctl.daemon import (
     TickReport,
     open_backend,
 )
-from balloonctl.policy import HostMode
-from balloonctl.sdnotify import Notifier
+from balloonctl.daemon.policy import HostMode
+from balloonctl.daemon.sdnotify import Notifier
 from balloonctl.units import format_size
 from tests.backends.hostile_peer import Drop, FakeQemu, Hang, HostilePeer
 from tests.daemon.conftest import (
@@ -63,7 +63,7 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, vm: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "balloonctl.daemon"
+        if r.name == "balloonctl.daemon.loop"
         and r.levelno >= logging.WARNING
         and r.getMessage().startswith(f"{vm}:")
     ]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from balloonctl.config import Config, DaemonConfig, HostConfig
-from balloonctl.daemon import GC_THRESHOLDS, Daemon
-from balloonctl.sdnotify import Notifier
+from balloonctl.daemon.config import Config, DaemonConfig, HostConfig
+from balloonctl.daemon.loop import GC_THRESHOLDS, Daemon
+from balloonctl.daemon.sdnotify import Notifier
 
 
 def _config(tmp_path: Path) -> Config:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from balloonctl.config import HostConfig
-from balloonctl.daemon import HostReadError, parse_meminfo, parse_psi, read_host
+from balloonctl.daemon.config import HostConfig
+from balloonctl.daemon.loop import HostReadError, parse_meminfo, parse_psi, read_host
+from balloonctl.daemon.policy import HostState
 from balloonctl.errors import BalloonError
-from balloonctl.policy import HostState
 
 #: The head of a real /proc/meminfo (Linux 6.1).
 MEMINFO = """\

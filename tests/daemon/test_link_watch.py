@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from balloonctl.config import Config, DaemonConfig
-from balloonctl.daemon import Link, Member, open_backend
-from balloonctl.policy import VmMemory
+from balloonctl.daemon.config import Config, DaemonConfig
+from balloonctl.daemon.loop import Link, Member, open_backend
+from balloonctl.daemon.policy import VmMemory
 from tests.backends.hostile_peer import GiB, HostilePeer, MiB
 
 Step = Callable[[], Awaitable[bool]]

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from balloonctl.config import Config, DaemonConfig, HostConfig, VmConfig
-from balloonctl.daemon import Daemon, TickReport
+from balloonctl.daemon.config import Config, DaemonConfig, HostConfig, VmConfig
+from balloonctl.daemon.loop import Daemon, TickReport
+from balloonctl.daemon.metrics import GUEST_COUNTERS, Metrics
+from balloonctl.daemon.policy import VmState
+from balloonctl.daemon.sdnotify import Notifier
 from balloonctl.errors import UsageError
-from balloonctl.metrics import GUEST_COUNTERS, Metrics
-from balloonctl.policy import VmState
-from balloonctl.sdnotify import Notifier
 from balloonctl.virtio.spec import BYTE_STATS, EXTENDED_STAT_NAMES
 
 GIB = 1 << 30

@@ -1,4 +1,4 @@
-"""balloonctl.sdnotify against real AF_UNIX datagram sockets standing in for systemd.
+"""balloonctl.daemon.sdnotify against real AF_UNIX datagram sockets standing in for systemd.
 
 Each test binds the socket systemd would (a path, or an abstract ``@`` name), points
 ``NOTIFY_SOCKET`` at it and reads what :class:`Notifier` sent, byte for byte.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from balloonctl.sdnotify import MAX_STATUS_BYTES, Notifier
+from balloonctl.daemon.sdnotify import MAX_STATUS_BYTES, Notifier
 
 
 def _receiver(address: str | bytes) -> socket.socket:
@@ -170,7 +170,7 @@ def test_socket_that_went_away_does_not_raise(
         assert _recv(sock) == b"READY=1"
         sock.close()
         # Closed but still on disk: ECONNREFUSED. Then gone: ENOENT.
-        with caplog.at_level(logging.DEBUG, logger="balloonctl.sdnotify"):
+        with caplog.at_level(logging.DEBUG, logger="balloonctl.daemon.sdnotify"):
             assert n.watchdog() is False
             path.unlink()
             assert n.watchdog() is False

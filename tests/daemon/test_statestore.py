@@ -1,4 +1,4 @@
-"""The daemon's state directory: :class:`balloonctl.statestore.StateStore` on its own, and
+"""The daemon's state directory: :class:`balloonctl.daemon.statestore.StateStore` on its own, and
 what a restarted daemon picks up from it (a scripted QMP peer stands in for the VM)."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any, Final
 
 import pytest
 
-from balloonctl.config import load as load_config
-from balloonctl.daemon import Daemon
-from balloonctl.policy import VmMemory
-from balloonctl.sdnotify import Notifier
-from balloonctl.statestore import StateStore, default_dir
+from balloonctl.daemon.config import load as load_config
+from balloonctl.daemon.loop import Daemon
+from balloonctl.daemon.policy import VmMemory
+from balloonctl.daemon.sdnotify import Notifier
+from balloonctl.daemon.statestore import StateStore, default_dir
 from tests.backends.hostile_peer import FakeQemu, HostilePeer, Return
 from tests.daemon.conftest import ConfigFile, FakeHost, GiB, MiB, VmEntry, decisions
 
@@ -29,7 +29,7 @@ MakeConfig = Callable[..., ConfigFile]
 MEMORY: Final = VmMemory(
     target=768 * MiB, set_tick=41, shrink=True, reached=False, failures=3, hold_until=57
 )
-#: What of it is kept: the back-off only (see balloonctl.statestore).
+#: What of it is kept: the back-off only (see balloonctl.daemon.statestore).
 KEPT: Final = VmMemory(failures=3, hold_until=57)
 #: A different back-off (so that saving it writes).
 OTHER: Final = VmMemory(target=GiB, set_tick=60, shrink=True, failures=4, hold_until=76)
@@ -207,7 +207,7 @@ def test_unwritable_directory_warns_once_until_it_works_again(
     for i in range(5):
         store.save(f"vm{i}", VmMemory(target=i + 1, failures=i + 1, hold_until=i + 2))
         store.save_tick(i)
-    warnings = [r for r in caplog.records if r.name == "balloonctl.statestore"]
+    warnings = [r for r in caplog.records if r.name == "balloonctl.daemon.statestore"]
     assert len(warnings) == 1, caplog.text
     assert warnings[0].levelno == logging.WARNING
     assert store.directory in warnings[0].getMessage()
@@ -218,7 +218,7 @@ def test_unwritable_directory_warns_once_until_it_works_again(
     os.unlink(os.path.join(store.directory, _single(store.directory)))
     os.rmdir(store.directory)
     store.save_tick(99)  # broken again after a success: one more line
-    warnings = [r for r in caplog.records if r.name == "balloonctl.statestore"]
+    warnings = [r for r in caplog.records if r.name == "balloonctl.daemon.statestore"]
     assert len(warnings) == 2, caplog.text
 
 

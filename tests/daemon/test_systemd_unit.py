@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from balloonctl.config import (
+from balloonctl.daemon.config import (
     DaemonConfig,
     DomainConfig,
     HostConfig,

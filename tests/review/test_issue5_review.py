@@ -26,9 +26,9 @@ from balloonctl.virtio import spec
 from balloonctl.virtio.mock import RingLayout, stats_buffer
 from fixtures.libvirtd import Domain, Libvirtd
 from tests.backends.hostile_peer import Hang, HostilePeer, Script
+from tests.backends.libvirt.conftest import domain, libvirtd  # noqa: F401 (pytest fixtures)
 from tests.cli.conftest import balloonctl_argv, cli_env, one_line_error, run_cli
 from tests.cli.test_vring_dump import BUFFERS, RING_BASE, FakeVm
-from tests.libvirt.conftest import domain, libvirtd  # noqa: F401 (pytest fixtures)
 
 #: Guard against a hang (a failure, not a measured time): far above any honest run.
 HANG_GUARD_S = 120.0

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from balloonctl import vmcmds
+from balloonctl.cli import vm_commands
 from balloonctl.errors import CommandFailed
 from balloonctl.sim.machine import SimMachine
 from tests.sim.conftest import running_vm
@@ -53,7 +53,7 @@ def test_negotiate_replugs_a_virtio_1_2_balloon(tmp_path: Path, qemu_version: st
             qmp,
         ):
             sent = record_device_add(vm)
-            report = await vmcmds.negotiate(str(tmp_path / "vm.sock"), [], ["deflate-on-oom"])
+            report = await vm_commands.negotiate(str(tmp_path / "vm.sock"), [], ["deflate-on-oom"])
             assert report["driver_ok"] is True
             assert "deflate-on-oom" not in report["offered"]
             assert vm.balloon is not None and vm.balloon.props["deflate-on-oom"] is False
@@ -101,7 +101,7 @@ def test_a_vm_without_a_balloon_says_so_on_either_version(
                 assert asyncio.get_running_loop().time() < deadline, "balloon never unplugged"
                 await asyncio.sleep(0.05)
             with pytest.raises(CommandFailed) as info:
-                await vmcmds.features(str(tmp_path / "vm.sock"))
+                await vm_commands.features(str(tmp_path / "vm.sock"))
             assert info.value.error_class == "DeviceNotActive"
             assert "has no balloon device" in str(info.value)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from balloonctl.cli.vm_commands import Progress
 from balloonctl.guest.allocator import PageState
 from balloonctl.sim.guest import GuestSpec, SimGuest, Watermarks, watermarks
 from balloonctl.sim.workloads import WORKLOADS, demand
-from balloonctl.vmcmds import Progress
 
 MiB = 1 << 20
 RAM = 1 << 30

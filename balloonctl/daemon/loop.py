@@ -2,7 +2,7 @@
 
 Every tick it **collects** (the host's /proc/meminfo and PSI; each VM's statistics, and its
 size from ``BALLOON_CHANGE`` events with a query now and then to resync), **decides**
-(:func:`balloonctl.policy.decide`, pure) and **acts** (one ``set_target`` per VM whose target
+(:func:`balloonctl.daemon.policy.decide`, pure) and **acts** (one ``set_target`` per VM whose target
 moves). Like tuned, one object graph is built here and the loop waits on an event, so
 SIGTERM is prompt and SIGHUP reloads; systemd daemonizes it (Type=notify), no fork, no PID
 file. Unlike oVirt MoM there is no thread per guest: one asyncio loop serves all of them,
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from balloonctl.backends.base import ActualWatch, Backend, GuestStats
-from balloonctl.config import Config, ConfigError, HostConfig
-from balloonctl.config import load as load_config
+from balloonctl.daemon.config import Config, ConfigError, HostConfig
+from balloonctl.daemon.config import load as load_config
+from balloonctl.daemon.policy import Decision, HostState, Plan, VmMemory, VmState, decide
+from balloonctl.daemon.sdnotify import Notifier
+from balloonctl.daemon.statestore import StateStore, default_dir
 from balloonctl.errors import BalloonError, UsageError
-from balloonctl.policy import Decision, HostState, Plan, VmMemory, VmState, decide
-from balloonctl.sdnotify import Notifier
-from balloonctl.statestore import StateStore, default_dir
 from balloonctl.units import format_size
 
 log = logging.getLogger(__name__)
@@ -490,7 +490,7 @@ class Daemon:
                 ) from exc
             self.tick_no = self.store.load_tick()
         if self.config.daemon.metrics is not None:
-            from balloonctl.metrics import Metrics  # noqa: PLC0415
+            from balloonctl.daemon.metrics import Metrics  # noqa: PLC0415
 
             self.metrics = Metrics(self.config.daemon.metrics)
         _GcTuning.acquire()

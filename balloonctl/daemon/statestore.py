@@ -23,7 +23,7 @@ import tempfile
 from typing import Any, Final
 from urllib.parse import quote
 
-from balloonctl.policy import VmMemory
+from balloonctl.daemon.policy import VmMemory
 
 log = logging.getLogger(__name__)
 

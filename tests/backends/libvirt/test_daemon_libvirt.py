@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fixtures.libvirtd import Domain, Libvirtd
-from tests.libvirt.conftest import cli
+from tests.backends.libvirt.conftest import cli
 
 MiB = 1 << 20
 GiB = 1 << 30

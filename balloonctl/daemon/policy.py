@@ -3,7 +3,7 @@
 Pure: no I/O, no clock, no asyncio (DESIGN.md). The daemon collects a :class:`HostState` and a
 :class:`VmState` per VM, calls :func:`decide` once per tick, and acts on what comes back; it
 also keeps each VM's :class:`VmMemory` (what the policy remembers between ticks) and hands it
-back next tick, across restarts too. The knobs are :class:`~balloonctl.config.PolicyConfig`.
+back next tick, across restarts too. The knobs are :class:`~balloonctl.daemon.config.PolicyConfig`.
 
 What it does, and what it learned from the anchors:
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Final
 
-from balloonctl.config import PolicyConfig
+from balloonctl.daemon.config import PolicyConfig
 from balloonctl.units import format_size
 
 _MIB: Final = 1 << 20

@@ -1,4 +1,4 @@
-"""Table tests of :func:`balloonctl.policy.decide`: one scenario per row, numbers checked.
+"""Table tests of :func:`balloonctl.daemon.policy.decide`: one scenario per row, numbers checked.
 
 The host has 16 GiB. Unless a row says otherwise a guest has 4 GiB of 8 GiB, 1000 shares,
 deflate-on-OOM and fresh statistics; with the default knobs its step cap is 128 MiB
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from balloonctl.config import PolicyConfig
-from balloonctl.policy import (
+from balloonctl.daemon.config import PolicyConfig
+from balloonctl.daemon.policy import (
     Decision,
     HostMode,
     HostState,

@@ -19,8 +19,8 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
+from balloonctl.daemon.policy import Decision, HostState, Plan, VmState
 from balloonctl.errors import UsageError
-from balloonctl.policy import Decision, HostState, Plan, VmState
 from balloonctl.virtio.spec import STAT_NAMES, StatTag
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ It holds the VMs balloonctl manages (``[[vm]]``: ``list`` shows them, ``set`` ke
 floor, the daemon balances them) and the auto-balloon daemon's tables: ``[daemon]`` (tick,
 state directory, metrics endpoint), ``[host]`` (where host memory is read), ``[libvirt]``
 (domains to manage, with include/exclude globs and per-domain floors) and ``[policy]`` (the
-knobs of :mod:`balloonctl.policy`). Every default is in :data:`DEFAULTS` or on the
+knobs of :mod:`balloonctl.daemon.policy`). Every default is in :data:`DEFAULTS` or on the
 dataclasses below, nowhere else; ``contrib/systemd/autoballoon.toml`` shows them all.
 """
 
@@ -45,7 +45,7 @@ class VmConfig:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """``[policy]``: the auto-balloon policy's knobs (:mod:`balloonctl.policy` says how each
+    """``[policy]``: the auto-balloon policy's knobs (:mod:`balloonctl.daemon.policy` says how each
     is used). Percentages are of the host's MemTotal (``host_*``) or of a guest's memory.
 
     The defaults follow the anchors: oVirt MoM's 20 % host pressure and 5 % critical

@@ -1,4 +1,4 @@
-"""Property tests of :func:`balloonctl.policy.decide` on arbitrary hosts and VM lists.
+"""Property tests of :func:`balloonctl.daemon.policy.decide` on arbitrary hosts and VM lists.
 
 The bounds are computed here from the knobs, independently of the policy's own arithmetic;
 the steady-state world is simulated here too: a sent target becomes the new actual, the
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from balloonctl.config import PolicyConfig
-from balloonctl.policy import (
+from balloonctl.daemon.config import PolicyConfig
+from balloonctl.daemon.policy import (
     HostMode,
     HostState,
     Plan,

@@ -18,8 +18,8 @@ from balloonctl.backends.libvirt import LibvirtBackend, normalize_stats
 from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 from fixtures.guest import build_image, reports_extended_stats
 from fixtures.libvirtd import BALLOON_BACKEND, Domain, Libvirtd
+from tests.backends.libvirt.conftest import cli
 from tests.cli.conftest import one_line_error
-from tests.libvirt.conftest import cli
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -303,7 +303,7 @@ def test_status_of_a_socket_never_imports_libvirt(tmp_path: Path) -> None:
         check=False,
     )
     modules = [line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
-    assert "balloonctl.vmcmds" in modules
+    assert "balloonctl.cli.vm_commands" in modules
     assert not [m for m in modules if m.split(".")[0] in ("libvirt", "libvirtaio", "libvirt_qemu")]
     assert "balloonctl.backends.libvirt" not in modules
 

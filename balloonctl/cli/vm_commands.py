@@ -1,7 +1,7 @@
 """The CLI's VM commands: list, status, set, stats, features, negotiate.
 
 Each is an async function from parsed options to a report (a dict for ``--json``) plus its
-human rendering; ``balloonctl.cli`` runs it and maps errors to exit codes. Nothing here
+human rendering; ``balloonctl.cli.main`` runs it and maps errors to exit codes. Nothing here
 imports numpy or the guest model: a ``status`` pays only for asyncio and qemu.qmp.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 from balloonctl.backends.base import Backend, FeatureState, GuestStats
-from balloonctl.config import Config
+from balloonctl.daemon.config import Config
 from balloonctl.errors import (
     BalloonError,
     CommandFailed,

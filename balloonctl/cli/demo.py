@@ -7,7 +7,7 @@ set --wait both ways with progress, status, stats under the workload, and a live
 renegotiation that turns SG off and on again.
 
 Then the auto-balloon daemon takes over: a fourth VM, ``leak`` (a program leaking memory),
-boots, and the daemon's own code (:class:`balloonctl.daemon.Daemon`, one ``tick()`` a
+boots, and the daemon's own code (:class:`balloonctl.daemon.loop.Daemon`, one ``tick()`` a
 second, in this process) manages all four against a simulated host, a fake /proc/meminfo
 of a 12 GiB machine whose MemAvailable follows the guests' sizes. A job on the host puts
 it under pressure, so guests with memory to spare (the idle one first) give it back; the
@@ -29,9 +29,9 @@ import time
 from collections.abc import Sequence
 from typing import Final, TextIO
 
-from balloonctl import vmcmds
-from balloonctl.config import Config
-from balloonctl.config import load as load_config
+from balloonctl.cli import vm_commands
+from balloonctl.daemon.config import Config
+from balloonctl.daemon.config import load as load_config
 from balloonctl.errors import BalloonError, OperationTimeout
 from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION
 from balloonctl.units import format_size
@@ -116,7 +116,7 @@ async def wait_ready(path: str, timeout: float = 30.0) -> None:
     while True:
         if os.path.exists(path):
             try:
-                report, _ = await vmcmds.features(path)
+                report, _ = await vm_commands.features(path)
                 if report["driver_ok"]:
                     return
             except BalloonError:
@@ -134,19 +134,19 @@ async def tour(demo: Demo, duration: float) -> None:
         "spiky, idle idle) are serving QMP in $DIR."
     )
     demo.command("list --qmp-dir $DIR")
-    demo.show(vmcmds.render_list(await vmcmds.list_vms(Config(None), demo.dir)))
+    demo.show(vm_commands.render_list(await vm_commands.list_vms(Config(None), demo.dir)))
 
     demo.say("The balloon's feature bits: the seed's VIRTIO_BALLOON_F_SG (bit 3) is acked.")
     demo.command("features $DIR/web.sock")
-    report, names = await vmcmds.features(web)
-    demo.show(vmcmds.render_features(report, names))
+    report, names = await vm_commands.features(web)
+    demo.show(vm_commands.render_features(report, names))
 
     demo.say("Inflate: give 1 GiB of web's 2 GiB back to the host, and wait for it.")
     demo.command("set $DIR/web.sock 1G --wait")
-    result = await vmcmds.set_target(web, GiB, wait=True, timeout=60, config=Config(None))
+    result = await vm_commands.set_target(web, GiB, wait=True, timeout=60, config=Config(None))
     demo.show(_set_line(result))
     demo.command("status $DIR/web.sock")
-    demo.show(vmcmds.render_status(await vmcmds.status(web)))
+    demo.show(vm_commands.render_status(await vm_commands.status(web)))
 
     demo.say("Stats move under batch's spiky workload (every new reading, 1 s apart).")
     demo.command("stats $DIR/batch.sock --period 1 --watch")
@@ -155,25 +155,29 @@ async def tour(demo: Demo, duration: float) -> None:
     demo.say("Deflate: web gets its memory back.")
     demo.command("set $DIR/web.sock 2G --wait")
     demo.show(
-        _set_line(await vmcmds.set_target(web, 2 * GiB, wait=True, timeout=60, config=Config(None)))
+        _set_line(
+            await vm_commands.set_target(web, 2 * GiB, wait=True, timeout=60, config=Config(None))
+        )
     )
 
     demo.say(
         "Renegotiate live: replug web's balloon without SG; the guest falls back to 256-PFN arrays."
     )
     demo.command("negotiate $DIR/web.sock --disable sg --yes")
-    after = await vmcmds.negotiate(web, [], ["sg"])
-    demo.show(vmcmds.render_features(after, names))
+    after = await vm_commands.negotiate(web, [], ["sg"])
+    demo.show(vm_commands.render_features(after, names))
     demo.command("set $DIR/web.sock 1G --wait")
     demo.show(
-        _set_line(await vmcmds.set_target(web, GiB, wait=True, timeout=60, config=Config(None)))
+        _set_line(
+            await vm_commands.set_target(web, GiB, wait=True, timeout=60, config=Config(None))
+        )
     )
     demo.command("negotiate $DIR/web.sock --enable sg --yes")
-    after = await vmcmds.negotiate(web, ["sg"], [])
+    after = await vm_commands.negotiate(web, ["sg"], [])
     demo.show(f"sg offered: {after['sg']['offered']}, acked: {after['sg']['acked']}\n")
 
 
-def _set_line(result: vmcmds.SetResult) -> str:
+def _set_line(result: vm_commands.SetResult) -> str:
     state = "reached" if result.reached else "NOT reached"
     return (
         f"{result.vm.rsplit('/', 1)[-1]}: target {format_size(result.target)}, actual "
@@ -185,7 +189,7 @@ async def _watch(demo: Demo, vm: str, duration: float) -> None:
     end = time.monotonic() + duration
     demo.show(f"{'time':>6}  {'free':>10}  {'available':>10}  {'disk-caches':>11}\n")
     t0 = time.monotonic()
-    stream = vmcmds.watch_stats(vm, 1, notice=demo.out)
+    stream = vm_commands.watch_stats(vm, 1, notice=demo.out)
     async for report in stream:
         s = report["stats"]
         demo.show(
@@ -206,8 +210,8 @@ class Autoballoon:
     """The daemon part: a simulated host around an in-process :class:`Daemon`."""
 
     def __init__(self, demo: Demo, names: Sequence[str], config_path: str) -> None:
-        from balloonctl.daemon import Daemon  # noqa: PLC0415
-        from balloonctl.sdnotify import Notifier  # noqa: PLC0415
+        from balloonctl.daemon.loop import Daemon  # noqa: PLC0415
+        from balloonctl.daemon.sdnotify import Notifier  # noqa: PLC0415
 
         self.demo = demo
         self.names = list(names)

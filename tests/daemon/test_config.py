@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from balloonctl.config import (
+from balloonctl.daemon.config import (
     DEFAULT_SHARES,
     Config,
     ConfigError,
@@ -90,7 +90,7 @@ def test_empty_tables_are_all_defaults(tmp_path: Path) -> None:
 def test_no_file_is_all_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("BALLOONCTL_CONFIG", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    monkeypatch.setattr("balloonctl.config.os.path.isfile", lambda _path: False)
+    monkeypatch.setattr("balloonctl.daemon.config.os.path.isfile", lambda _path: False)
     config = load(None)
     assert config == Config(None)
     assert config.policy == PolicyConfig()

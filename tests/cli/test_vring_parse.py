@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from balloonctl.cli import main
+from balloonctl.cli.main import main
 from balloonctl.units import PAGE_SIZE
 from balloonctl.virtio import spec
 from balloonctl.virtio.memory import GuestMemory

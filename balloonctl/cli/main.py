@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "daemon",
         help="the auto-balloon daemon: move memory between VMs by policy",
         description="Every [daemon] interval: read the host's memory and each VM's stats, "
-        "decide targets (balloonctl.policy), set them. VMs come from the config's [[vm]] "
+        "decide targets (balloonctl.daemon.policy), set them. VMs come from the config's [[vm]] "
         "and [libvirt] tables. SIGHUP reloads the config, SIGTERM stops. Under systemd "
         "use contrib/systemd/balloonctl-autoballoon.service (Type=notify).",
     )
@@ -415,7 +415,7 @@ def _address(args: argparse.Namespace) -> str:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from balloonctl.config import load  # noqa: PLC0415
+    from balloonctl.daemon.config import load  # noqa: PLC0415
 
     return load(args.config)
 
@@ -423,28 +423,28 @@ def _config(args: argparse.Namespace) -> Any:
 def _cmd_list(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.cli import vm_commands  # noqa: PLC0415
 
-    report = asyncio.run(vmcmds.list_vms(_config(args), args.qmp_dir))
-    return _emit(args, report, vmcmds.render_list)
+    report = asyncio.run(vm_commands.list_vms(_config(args), args.qmp_dir))
+    return _emit(args, report, vm_commands.render_list)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.cli import vm_commands  # noqa: PLC0415
 
-    return _emit(args, asyncio.run(vmcmds.status(_address(args))), vmcmds.render_status)
+    return _emit(args, asyncio.run(vm_commands.status(_address(args))), vm_commands.render_status)
 
 
 def _cmd_set(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.cli import vm_commands  # noqa: PLC0415
     from balloonctl.units import format_size  # noqa: PLC0415
 
     result = asyncio.run(
-        vmcmds.set_target(
+        vm_commands.set_target(
             args.vm, args.size, wait=args.wait, timeout=args.timeout, config=_config(args)
         )
     )
@@ -480,21 +480,21 @@ def _cmd_set(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.cli import vm_commands  # noqa: PLC0415
 
     if not args.watch:
-        report = asyncio.run(vmcmds.stats(_address(args), args.period))
-        return _emit(args, report, vmcmds.render_stats)
+        report = asyncio.run(vm_commands.stats(_address(args), args.period))
+        return _emit(args, report, vm_commands.render_stats)
 
     async def watch() -> None:
         live = sys.stdout.isatty() and not args.json
-        async for report in vmcmds.watch_stats(_address(args), args.period):
+        async for report in vm_commands.watch_stats(_address(args), args.period):
             if args.json:
                 sys.stdout.write(json.dumps(report) + "\n")
             elif live:
-                sys.stdout.write("\x1b[H\x1b[J" + vmcmds.render_stats(report))
+                sys.stdout.write("\x1b[H\x1b[J" + vm_commands.render_stats(report))
             else:
-                sys.stdout.write(vmcmds.render_stats(report) + "\n")
+                sys.stdout.write(vm_commands.render_stats(report) + "\n")
             sys.stdout.flush()
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
@@ -505,24 +505,24 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_features(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.cli import vm_commands  # noqa: PLC0415
 
-    report, names = asyncio.run(vmcmds.features(_address(args)))
-    return _emit(args, report, lambda r: vmcmds.render_features(r, names))
+    report, names = asyncio.run(vm_commands.features(_address(args)))
+    return _emit(args, report, lambda r: vm_commands.render_features(r, names))
 
 
 def _cmd_negotiate(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds  # noqa: PLC0415
+    from balloonctl.cli import vm_commands  # noqa: PLC0415
 
     if not args.yes:
         raise UsageError(
             "negotiate unplugs and replugs the balloon (the guest gets its ballooned memory "
             "back meanwhile); add --yes to go ahead"
         )
-    report = asyncio.run(vmcmds.negotiate(_address(args), args.enable, args.disable))
-    return _emit(args, report, lambda r: vmcmds.render_features(r, list(r["offered"])))
+    report = asyncio.run(vm_commands.negotiate(_address(args), args.enable, args.disable))
+    return _emit(args, report, lambda r: vm_commands.render_features(r, list(r["offered"])))
 
 
 def _cmd_vring_parse(args: argparse.Namespace) -> int:
@@ -554,14 +554,14 @@ def _cmd_vring_dump(args: argparse.Namespace) -> int:
     """Parse one balloon queue of a live VM; exit 3 on a ring-level finding."""
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import vmcmds, vringdump  # noqa: PLC0415
+    from balloonctl.cli import vm_commands, vring_commands  # noqa: PLC0415
 
     if args.read_limit <= 0:
         raise UsageError("--read-limit must be positive")
 
     async def run() -> tuple[str, bool]:
-        async with vmcmds.open_vm(_address(args)) as backend:
-            return await vringdump.dump(backend, args.queue, read_limit=args.read_limit)
+        async with vm_commands.open_vm(_address(args)) as backend:
+            return await vring_commands.dump(backend, args.queue, read_limit=args.read_limit)
 
     text, finding = asyncio.run(run())
     # Like vring parse, a machine-readable diagnostic: JSON with or without --json.
@@ -648,7 +648,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from balloonctl import demo  # noqa: PLC0415
+    from balloonctl.cli import demo  # noqa: PLC0415
 
     return demo.run(
         args.duration,
@@ -687,7 +687,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     """The auto-balloon daemon (or one tick of it)."""
     import asyncio  # noqa: PLC0415
 
-    from balloonctl import daemon  # noqa: PLC0415
+    from balloonctl.daemon import loop as daemon  # noqa: PLC0415
 
     config = _config(args)
     if config.path is None:
@@ -815,7 +815,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.connect.strip():
             print("balloonctl: error: -c/--connect needs a URI", file=sys.stderr)
             return EXIT_USAGE
-        from balloonctl.vmcmds import CONNECT_URI  # noqa: PLC0415 (only with -c: lean status)
+        from balloonctl.cli.vm_commands import CONNECT_URI  # noqa: PLC0415 (only with -c: lean status)
 
         CONNECT_URI.set(args.connect)
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from balloonctl.cli import main
+from balloonctl.cli.main import main
 from balloonctl.virtio import spec
 
 D = spec.DESC_STRUCT
