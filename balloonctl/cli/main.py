@@ -339,10 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _qemu_version_option(bench_daemon)
     bench_daemon.set_defaults(func=_cmd_bench_daemon)
-
-    from balloonctl import fuzzcmd  # noqa: PLC0415 (argparse only: the work loads on use)
-
-    fuzzcmd.add_commands(commands, _emit)
     return parser
 
 

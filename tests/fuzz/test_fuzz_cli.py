@@ -1,14 +1,15 @@
-"""``balloonctl fuzz``: the campaign runner's contract, against a tiny fake fuzz/ tree.
+"""``python -m fuzz``: the campaign runner's contract, against a tiny fake fuzz/ tree.
 
 The fake tree has what a checkout has (entry points, replay.py, seed corpora, a dictionary)
 and two targets: ``boom`` fails on any input starting with ``BOOM`` and its seed corpus has
 one, so libFuzzer finds it while loading the seeds, at once and every time; ``calm`` never
-fails. The CLI runs as a subprocess, as a user's shell runs it, with its state directory in
-the test's own tmp_path.
+fails. The runner runs as a subprocess, as a user's shell runs it from the checkout (its root
+on the import path), with its state directory in the test's own tmp_path.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from balloonctl import fuzzrunner
 from balloonctl.errors import UsageError
+from fuzz import runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,7 @@ if __name__ == "__main__":
     atheris.Fuzz()
 '''
 
-# replay.py's contract (see balloonctl.fuzzrunner); it imports the package so that the
+# replay.py's contract (see fuzz.runner); it imports the package so that the
 # coverage command has something of balloonctl to measure.
 _REPLAY = """\
 import sys
@@ -125,12 +126,14 @@ class Result:
         return row
 
 
-def balloonctl(*argv: str, cache: Path) -> Result:
-    """Run the CLI; the default campaign state goes to ``cache``, never the user's."""
+def fuzz_main(*argv: str, cache: Path) -> Result:
+    """Run ``python -m fuzz`` as from the checkout's root (on the import path), but in
+    ``cache``: the default campaign state goes there, never to the user's cache."""
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     cache.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "balloonctl", *argv],
+        [sys.executable, "-m", "fuzz", *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -142,14 +145,14 @@ def balloonctl(*argv: str, cache: Path) -> Result:
 
 
 def run(tree: Tree, *argv: str) -> Result:
-    return balloonctl(*argv, "--fuzz-dir", str(tree.fuzz), cache=tree.work / "cache")
+    return fuzz_main(*argv, "--fuzz-dir", str(tree.fuzz), cache=tree.work / "cache")
 
 
 def assert_one_line_error(result: Result, code: int) -> None:
     assert result.code == code, result
     lines = result.err.strip().splitlines()
     assert len(lines) == 1, result.err
-    assert lines[0].startswith("balloonctl: error: ")
+    assert lines[0].startswith("fuzz: error: ")
     assert "Traceback" not in result.err
 
 
@@ -157,7 +160,6 @@ def test_run_exits_3_and_names_the_artifact(tree: Tree) -> None:
     result = run(
         tree,
         "--json",
-        "fuzz",
         "run",
         "boom",
         "--time",
@@ -175,14 +177,14 @@ def test_run_exits_3_and_names_the_artifact(tree: Tree) -> None:
         assert Path(path).parent == tree.work / "artifacts"
         assert Path(path).name.startswith("boom-crash-")
         assert Path(path).read_bytes().startswith(b"BOOM")
-        assert f"balloonctl: finding: {path}" in result.err
+        assert f"fuzz: finding: {path}" in result.err
     # The seeds were copied into the working corpus; the checkout's corpus is untouched.
     assert sorted(p.name for p in tree.corpus("boom").iterdir()) == ["bad", "good"]
     assert (tree.work / "corpus" / "boom" / "good").read_bytes() == b"fine"
 
 
 def test_run_table_names_the_artifact(tree: Tree) -> None:
-    result = run(tree, "fuzz", "run", "boom", "--time", "30", "--jobs", "1")
+    result = run(tree, "run", "boom", "--time", "30", "--jobs", "1")
     assert result.code == 3, result
     artifacts = list((tree.work / "cache" / "balloonctl" / "fuzz" / "artifacts").iterdir())
     assert artifacts
@@ -194,7 +196,6 @@ def test_clean_target_exits_0(tree: Tree) -> None:
     result = run(
         tree,
         "--json",
-        "fuzz",
         "run",
         "calm",
         "--time",
@@ -219,7 +220,6 @@ def test_fork_mode_runs_with_atheris(tree: Tree) -> None:
     result = run(
         tree,
         "--json",
-        "fuzz",
         "run",
         "calm",
         "--time",
@@ -239,7 +239,6 @@ def test_all_runs_each_target_and_fails_on_the_finding(tree: Tree) -> None:
     result = run(
         tree,
         "--json",
-        "fuzz",
         "run",
         "all",
         "--time",
@@ -259,10 +258,10 @@ def test_reproduce_artifact_prints_one_line_and_exits_3(tree: Tree) -> None:
     artifact = tree.work / "boom-crash-0123abcd"
     artifact.parent.mkdir(parents=True)
     artifact.write_bytes(b"BOOM\xff")
-    result = run(tree, "fuzz", "reproduce", str(artifact))
+    result = run(tree, "reproduce", str(artifact))
     assert result.code == 3, result
     assert result.out == f"FINDING boom {artifact}: ValueError: boom input\n"
-    as_json = run(tree, "--json", "fuzz", "reproduce", str(artifact))
+    as_json = run(tree, "--json", "reproduce", str(artifact))
     assert as_json.code == 3
     report = as_json.json()
     assert report["finding"] is True
@@ -274,9 +273,9 @@ def test_reproduce_artifact_prints_one_line_and_exits_3(tree: Tree) -> None:
 
 
 def test_reproduce_infers_the_target_from_the_corpus_path(tree: Tree) -> None:
-    bad = run(tree, "fuzz", "reproduce", str(tree.corpus("boom") / "bad"))
+    bad = run(tree, "reproduce", str(tree.corpus("boom") / "bad"))
     assert bad.code == 3 and bad.out.startswith("FINDING boom ")
-    good = run(tree, "fuzz", "reproduce", str(tree.corpus("boom") / "good"))
+    good = run(tree, "reproduce", str(tree.corpus("boom") / "good"))
     assert good.code == 0, good
     assert good.out == "ok boom: 1 inputs\n"
 
@@ -284,42 +283,51 @@ def test_reproduce_infers_the_target_from_the_corpus_path(tree: Tree) -> None:
 def test_reproduce_needs_a_target_it_can_tell(tree: Tree) -> None:
     stray = tree.root / "stray"
     stray.write_bytes(b"BOOM")
-    assert_one_line_error(run(tree, "fuzz", "reproduce", str(stray)), 2)
-    told = run(tree, "fuzz", "reproduce", str(stray), "--target", "boom")
+    assert_one_line_error(run(tree, "reproduce", str(stray)), 2)
+    told = run(tree, "reproduce", str(stray), "--target", "boom")
     assert told.code == 3
 
 
 def test_reproduce_a_replay_that_breaks_its_contract_fails(tree: Tree) -> None:
     (tree.fuzz / "replay.py").write_text("raise SystemExit('replay.py: broken')\n")
-    assert_one_line_error(run(tree, "fuzz", "reproduce", str(tree.corpus("boom") / "bad")), 1)
+    assert_one_line_error(run(tree, "reproduce", str(tree.corpus("boom") / "bad")), 1)
 
 
 def test_missing_fuzz_dir_is_a_usage_error(tree: Tree) -> None:
-    result = balloonctl(
-        "fuzz", "run", "boom", "--fuzz-dir", str(tree.root / "nowhere"), cache=tree.work
-    )
+    result = fuzz_main("run", "boom", "--fuzz-dir", str(tree.root / "nowhere"), cache=tree.work)
     assert_one_line_error(result, 2)
 
 
-def test_no_checkout_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Installed from a wheel, site-packages has no fuzz/ beside the package."""
-    monkeypatch.setattr(fuzzrunner, "PACKAGE_DIR", tmp_path / "site-packages" / "balloonctl")
-    with pytest.raises(UsageError, match="source checkout"):
-        fuzzrunner.locate(None)
+def test_no_targets_beside_the_runner_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner copied away from its harnesses: the error names the directory it looked in."""
+    alone = tmp_path / "fuzz"
+    alone.mkdir()
+    monkeypatch.setattr(runner, "FUZZ_DIR", alone)
+    with pytest.raises(UsageError, match=f"no fuzz targets .*in {alone}"):
+        runner.locate(None)
+
+
+def test_default_fuzz_dir_is_the_runners_own() -> None:
+    """Without --fuzz-dir the runner fuzzes the checkout's own targets, beside it."""
+    tree = runner.locate(None)
+    assert tree.fuzz_dir == REPO / "fuzz"
+    assert "vring_image" in tree.targets()
 
 
 def test_bad_target_is_a_usage_error(tree: Tree) -> None:
-    result = run(tree, "fuzz", "run", "nosuch", "--time", "1")
+    result = run(tree, "run", "nosuch", "--time", "1")
     assert_one_line_error(result, 2)
     assert "boom, calm, all" in result.err
-    assert_one_line_error(run(tree, "fuzz", "coverage", "nosuch"), 2)
-    assert_one_line_error(run(tree, "fuzz", "reproduce", str(tree.root), "--target", "x"), 2)
+    assert_one_line_error(run(tree, "coverage", "nosuch"), 2)
+    assert_one_line_error(run(tree, "reproduce", str(tree.root), "--target", "x"), 2)
 
 
 def test_bad_options_are_usage_errors(tree: Tree) -> None:
-    assert run(tree, "fuzz", "run", "calm", "--time", "0").code == 2
-    assert run(tree, "fuzz", "run", "calm", "--jobs", "-1").code == 2
-    assert_one_line_error(run(tree, "fuzz", "reproduce", str(tree.root / "absent")), 2)
+    assert run(tree, "run", "calm", "--time", "0").code == 2
+    assert run(tree, "run", "calm", "--jobs", "-1").code == 2
+    assert_one_line_error(run(tree, "reproduce", str(tree.root / "absent")), 2)
 
 
 def test_minimize_merges_new_coverage_and_keeps_the_corpus(tree: Tree) -> None:
@@ -331,7 +339,6 @@ def test_minimize_merges_new_coverage_and_keeps_the_corpus(tree: Tree) -> None:
     result = run(
         tree,
         "--json",
-        "fuzz",
         "minimize",
         "calm",
         "--from",
@@ -347,14 +354,14 @@ def test_minimize_merges_new_coverage_and_keeps_the_corpus(tree: Tree) -> None:
 
 
 def test_minimize_without_a_campaign_is_a_usage_error(tree: Tree) -> None:
-    result = run(tree, "fuzz", "minimize", "calm", "--workdir", str(tree.work))
+    result = run(tree, "minimize", "calm", "--workdir", str(tree.work))
     assert_one_line_error(result, 2)
     assert "fuzz run calm" in result.err
 
 
 def test_coverage_reports_the_package(tree: Tree) -> None:
     html = tree.work / "html"
-    result = run(tree, "--json", "fuzz", "coverage", "calm", "--html", str(html))
+    result = run(tree, "--json", "coverage", "calm", "--html", str(html))
     assert result.code == 0, result
     report = result.json()
     assert report["inputs"] == {"calm": 1}
@@ -364,7 +371,7 @@ def test_coverage_reports_the_package(tree: Tree) -> None:
     areas = report["areas"]
     assert isinstance(areas, dict) and areas["units.py"]["covered"] > 0
     assert (html / "index.html").is_file()
-    table = run(tree, "fuzz", "coverage", "all")
+    table = run(tree, "coverage", "all")
     assert table.code == 3  # boom's corpus holds a failing input
     assert table.out.startswith("line coverage of balloonctl/virtio/ from 2 corpus(es)")
     assert "FINDING boom " in table.out
@@ -381,7 +388,7 @@ def test_parse_log_in_process() -> None:
         stat::average_exec_per_sec:     450
         """
     )
-    stats = fuzzrunner.parse_log(text)
+    stats = runner.parse_log(text)
     assert (stats.execs, stats.exec_per_s, stats.cov_start, stats.cov_end) == (900, 450, 5, 9)
 
 
@@ -394,30 +401,29 @@ def test_parse_log_fork() -> None:
         INFO: exiting: 0 time: 3s
         """
     )
-    stats = fuzzrunner.parse_log(text)
+    stats = runner.parse_log(text)
     assert (stats.execs, stats.exec_per_s, stats.cov_start, stats.cov_end) == (2112, 424, 5, 12)
 
 
 def test_parse_log_says_nothing_it_did_not_see() -> None:
-    stats = fuzzrunner.parse_log("#3\tINITED exec/s: 0 rss: 40Mb\n")
-    assert stats == fuzzrunner.LogStats(None, None, None, None, None)
+    stats = runner.parse_log("#3\tINITED exec/s: 0 rss: 40Mb\n")
+    assert stats == runner.LogStats(None, None, None, None, None)
 
 
 def test_infer_target() -> None:
     known = ["vring_ops", "vring_ops_x", "config"]
-    assert fuzzrunner.infer_target(Path("/a/corpus/config/abc"), known) == "config"
-    assert fuzzrunner.infer_target(Path("/a/vring_ops_x-crash-12"), known) == "vring_ops_x"
-    assert fuzzrunner.infer_target(Path("/a/vring_ops-timeout-12"), known) == "vring_ops"
-    assert fuzzrunner.infer_target(Path("/a/vring_ops-slow-unit-12"), known) == "vring_ops"
+    assert runner.infer_target(Path("/a/corpus/config/abc"), known) == "config"
+    assert runner.infer_target(Path("/a/vring_ops_x-crash-12"), known) == "vring_ops_x"
+    assert runner.infer_target(Path("/a/vring_ops-timeout-12"), known) == "vring_ops"
+    assert runner.infer_target(Path("/a/vring_ops-slow-unit-12"), known) == "vring_ops"
     with pytest.raises(UsageError):
-        fuzzrunner.infer_target(Path("/a/vring_ops-notes"), known)
+        runner.infer_target(Path("/a/vring_ops-notes"), known)
 
 
 def test_real_target_short_run(tmp_path: Path) -> None:
     """The project's own vring_image target, five seconds on one core: no finding."""
-    result = balloonctl(
+    result = fuzz_main(
         "--json",
-        "fuzz",
         "run",
         "vring_image",
         "--time",
@@ -434,8 +440,18 @@ def test_real_target_short_run(tmp_path: Path) -> None:
     assert result.json()["findings"] == []
 
 
-def test_other_commands_do_not_load_the_fuzz_runner() -> None:
-    """Every command builds the fuzz parser; only fuzz commands pay for running campaigns."""
+def _imported(stderr: str) -> list[str]:
+    """The module names of a ``-X importtime`` log (``import time: self | cum | name``)."""
+    names = []
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.append(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def test_balloonctl_imports_nothing_of_fuzz() -> None:
+    """The product's command line neither builds nor loads the fuzzing tools (they live in
+    the checkout's fuzz/, and balloonctl never imports fuzz/)."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "balloonctl", "--help"],
         capture_output=True,
@@ -444,5 +460,33 @@ def test_other_commands_do_not_load_the_fuzz_runner() -> None:
         check=False,
     )
     assert proc.returncode == 0
-    assert "balloonctl.fuzzcmd" in proc.stderr  # the import log is really there
-    assert "balloonctl.fuzzrunner" not in proc.stderr
+    modules = _imported(proc.stderr)
+    assert "balloonctl.cli.main" in modules  # the import log is really there
+    assert [m for m in modules if m == "fuzz" or m.startswith("fuzz.")] == []
+    assert [m for m in modules if m.startswith("balloonctl.fuzz")] == []
+    assert "fuzz" not in proc.stdout  # nor offers it as a command
+
+
+def test_balloonctl_fuzz_is_an_unknown_command(tmp_path: Path) -> None:
+    """No stub is left behind: argparse refuses ``fuzz`` as any unknown command."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "balloonctl", "fuzz", "run", "vring_image"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "invalid choice: 'fuzz'" in proc.stderr
+    assert importlib.util.find_spec("balloonctl.fuzzcmd") is None
+    assert importlib.util.find_spec("balloonctl.fuzzrunner") is None
+
+
+def test_fuzz_help_lists_every_action(tmp_path: Path) -> None:
+    result = fuzz_main("--help", cache=tmp_path)
+    assert result.code == 0, result
+    assert result.out.startswith("usage: python -m fuzz ")
+    for action in ("run", "reproduce", "minimize", "coverage", "differential"):
+        assert f"    {action}" in result.out, action
+    assert "--json" in result.out

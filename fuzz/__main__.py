@@ -1,28 +1,58 @@
-"""``balloonctl fuzz``: the command line of the atheris fuzz campaigns.
+"""``python -m fuzz``: the command line of the atheris fuzz campaigns, run from a checkout.
 
-Only argparse here: ``balloonctl.cli.main`` builds this part of its parser on every run, so the
-work (subprocesses, tempfile, coverage, libFuzzer log parsing) lives in
-``balloonctl.fuzzrunner``, imported when a fuzz command actually runs. See that module for
-why the harnesses run as subprocesses and where a campaign keeps its state.
+Argparse, the report printer and the exit-code contract; ``fuzz.runner`` does the work. It
+lives in the checkout's ``fuzz/``, not in the installed package, because it only ever works
+beside the harnesses, corpora and dictionaries a checkout has (docs/architecture.md, "fuzz/:
+fuzzing, in the checkout only"). Exit codes are balloonctl's: 0 done; 1 a tool failed; 2
+usage; 3 a run or a replay found something. Errors are one line on stderr; ``-v`` adds the
+detail.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-from collections.abc import Callable
-from typing import Any
+import json
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Final, NoReturn
 
-Report = dict[str, Any]
-Table = Callable[[Report], str]
-Emit = Callable[[argparse.Namespace, Report, Table], int]
+from balloonctl.errors import BalloonError, UsageError
+from fuzz import runner
+
+PROG = "python -m fuzz"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], tuple[runner.Report, int]]
+Render = Callable[[runner.Report], str]
+
+#: Each action's work and its table; the names are the ACTION argument.
+ACTIONS: Final[dict[str, tuple[Command, Render]]] = {
+    "run": (runner.cmd_run, runner.render_run),
+    "minimize": (runner.cmd_minimize, runner.render_minimize),
+    "reproduce": (runner.cmd_reproduce, runner.render_reproduce),
+    "differential": (runner.cmd_differential, runner.render_differential),
+    "coverage": (runner.cmd_coverage, runner.render_coverage),
+}
 
 # One input may take this long before libFuzzer calls it a hang (its own default, 1200 s,
 # would let a single hang eat a whole smoke campaign).
 DEFAULT_INPUT_TIMEOUT = 10
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with balloonctl's usage-error contract: one line on stderr, exit 2, so that
+    a script (the Makefile's smoke campaign, CI) reads one reason, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _positive(text: str) -> int:
+    """A whole number above zero: a zero or negative time or job count is a mistake."""
     try:
         value = int(text, 10)
     except ValueError:
@@ -32,38 +62,28 @@ def _positive(text: str) -> int:
     return value
 
 
-def _dispatch(action: str, emit: Emit, args: argparse.Namespace) -> int:
-    """Run ``fuzzrunner.cmd_<action>`` and print its report with ``render_<action>``."""
-    from balloonctl import fuzzrunner  # noqa: PLC0415 (only when a fuzz command runs)
-
-    report, code = getattr(fuzzrunner, f"cmd_{action}")(args)
-    emit(args, report, getattr(fuzzrunner, f"render_{action}"))
-    return int(code)
-
-
-def add_commands(commands: Any, emit: Emit) -> None:
-    """The ``fuzz`` command group, under the CLI's ``commands`` (its subparsers action).
-
-    ``emit`` is the CLI's report printer (a table, or one JSON object with --json); taken
-    as an argument so this module does not import the CLI.
-    """
-    fuzz = commands.add_parser(
-        "fuzz",
-        help="atheris fuzz campaigns of the device side and the other untrusted-input parsers",
-        description="Run, minimize, reproduce and measure the fuzz targets of a source "
-        "checkout's fuzz/. Exit 3 when a run or a replay finds something.",
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree: one ACTION per campaign tool, its report a table or JSON."""
+    parser = _Parser(
+        prog=PROG,
+        description="Run, minimize, reproduce and measure the fuzz targets of this checkout's "
+        "fuzz/. Exit 3 when a run or a replay finds something.",
     )
-    actions = fuzz.add_subparsers(dest="fuzz_command", metavar="ACTION", parser_class=type(fuzz))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log detail to stderr")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (before ACTION)"
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--fuzz-dir",
         metavar="DIR",
         help="the fuzz/ with fuzz_<target>.py and replay.py; fixtures/ is beside it "
-        "(default: the checkout this balloonctl runs from)",
+        "(default: this fuzz/)",
     )
-    workdir = argparse.ArgumentParser(add_help=False)
+    workdir = _Parser(add_help=False)
     workdir.add_argument(
         "--workdir",
         metavar="DIR",
@@ -112,8 +132,6 @@ def add_commands(commands: Any, emit: Emit) -> None:
     run.add_argument(
         "--artifacts", metavar="DIR", help="where findings go (default WORKDIR/artifacts)"
     )
-    run.set_defaults(func=functools.partial(_dispatch, "run", emit))
-
     minimize = actions.add_parser(
         "minimize",
         parents=[common, workdir],
@@ -134,8 +152,6 @@ def add_commands(commands: Any, emit: Emit) -> None:
         metavar="DIR",
         help="corpus to take from (with all: DIR/<target>) (default WORKDIR/corpus/TARGET)",
     )
-    minimize.set_defaults(func=functools.partial(_dispatch, "minimize", emit))
-
     reproduce = actions.add_parser(
         "reproduce",
         parents=[common],
@@ -154,8 +170,6 @@ def add_commands(commands: Any, emit: Emit) -> None:
         metavar="S",
         help="a replay running longer is a finding (a hang) (default 60)",
     )
-    reproduce.set_defaults(func=functools.partial(_dispatch, "reproduce", emit))
-
     differential = actions.add_parser(
         "differential",
         parents=[common],
@@ -179,8 +193,6 @@ def add_commands(commands: Any, emit: Emit) -> None:
         help="campaign state: corpus/vring_image/ is replayed, findings go to artifacts/ "
         "(default $XDG_CACHE_HOME/balloonctl/fuzz)",
     )
-    differential.set_defaults(func=functools.partial(_dispatch, "differential", emit))
-
     coverage = actions.add_parser(
         "coverage",
         parents=[common],
@@ -196,4 +208,61 @@ def add_commands(commands: Any, emit: Emit) -> None:
         help="corpus to replay (with all: DIR/<target>) (default fixtures/corpus/TARGET)",
     )
     coverage.add_argument("--html", metavar="DIR", help="also write coverage.py's HTML report")
-    coverage.set_defaults(func=functools.partial(_dispatch, "coverage", emit))
+    return parser
+
+
+def emit(args: argparse.Namespace, report: runner.Report, table: Render) -> None:
+    """A report as one JSON object (--json, for scripts and CI) or as the action's table."""
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(table(report))
+
+
+def _terminated(signum: int, _frame: object) -> NoReturn:
+    """SIGTERM unwinds the action instead of killing the process on the spot.
+
+    Python's default for SIGTERM ends the process without running a single ``finally``, and
+    the runner's ``finally`` is what ends the fuzzer's process group: a CI timeout would leave
+    libFuzzer jobs running. The exit status is still the shell's 128 + 15.
+    """
+    raise SystemExit(128 + signum)
+
+
+def _exit_code(exc: BalloonError) -> int:
+    """Usage errors exit 2, a tool that failed (FuzzerFailed) 1; findings never raise."""
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one action; return its exit code (never raise for a user's mistake)."""
+    args = build_parser().parse_args(argv)
+    command, table = ACTIONS[args.action]
+    # Only where SIGTERM still has its default action (an ignored one stays ignored), and
+    # only the main thread may set handlers; the default comes back afterwards.
+    catch = (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        and threading.current_thread() is threading.main_thread()
+    )
+    if catch:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        report, code = command(args)
+        emit(args, report, table)
+    except BalloonError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"fuzz: error: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,16 +1,19 @@
-"""What ``balloonctl fuzz`` does: run, minimize, reproduce and measure atheris campaigns.
+"""What ``python -m fuzz`` does: run, minimize, reproduce and measure atheris campaigns.
 
-``balloonctl.fuzzcmd`` is the command line of it and imports this module only when a fuzz
-command runs (subprocess, tempfile, dataclasses: milliseconds every other command is
-spared).
+``fuzz/__main__.py`` is the command line of it. Both live in the checkout's ``fuzz/``, beside
+the harnesses they run, not in the installed package: a wheel ships no harnesses, corpora or
+dictionaries, so a runner inside it could only ever fail (docs/architecture.md, "fuzz/:
+fuzzing, in the checkout only").
 
-The harnesses live in the source checkout's ``fuzz/`` and DESIGN.md's dependency rule says
-``fuzz/`` imports the package, never the reverse. So this module never imports them: it runs
-the entry points and ``fuzz/replay.py`` as subprocesses. libFuzzer wants that anyway: it owns
-the process it runs in (it ends it on the first crash), and ``-fork`` and ``-merge``
-re-execute the entry point by its path.
+The runner does not import the harnesses either: it runs the entry points and
+``fuzz/replay.py`` as subprocesses. libFuzzer wants that: it owns the process it runs in (it
+ends it on the first crash), and ``-fork`` and ``-merge`` re-execute the entry point by its
+path. Of balloonctl it imports only its errors and the package's location (coverage
+measures that copy, and the subprocesses must import it too), as docs/architecture.md's
+dependency rule allows: ``fuzz/`` imports ``balloonctl``, never the reverse.
 
-What a checkout provides (``--fuzz-dir`` points at another ``fuzz/``; its parent is the root)::
+What a ``fuzz/`` provides (by default this module's own directory; ``--fuzz-dir`` points at
+another, whose parent is then the root)::
 
     fuzz/fuzz_<target>.py          executable atheris entry point, libFuzzer arguments
     fuzz/replay.py                 TARGET FILE_OR_DIR...: no atheris; on the first failure
@@ -54,11 +57,15 @@ Report = dict[str, Any]
 EXIT_OK = 0
 EXIT_FINDING = 3
 
+#: The balloonctl package the harnesses exercise: coverage measures it, and the subprocesses
+#: are pointed at this same copy (see _env).
 PACKAGE_DIR = Path(balloonctl.__file__).resolve().parent
+#: The harnesses' directory by default: the runner lives among them.
+FUZZ_DIR = Path(__file__).resolve().parent
 
 # libFuzzer names what it writes after -artifact_prefix by kind; every one of them is a
-# finding (slow-unit: a single input that took longer than -report_slow_units, 10 s, which
-# DESIGN.md's "never a hang" does not allow either).
+# finding (slow-unit: a single input that took longer than -report_slow_units, 10 s: a
+# hostile guest must never make the device hang, and a slow input is the start of one).
 FINDING_KINDS = ("crash", "timeout", "oom", "leak", "slow-unit")
 
 # Beyond -max_total_time: libFuzzer only looks at the clock between inputs, and -fork waits
@@ -107,26 +114,24 @@ class FuzzTree:
 
 
 def locate(fuzz_dir: str | None) -> FuzzTree:
-    """The ``fuzz/`` to use: ``--fuzz-dir``, else the one beside the package's checkout.
+    """The ``fuzz/`` to use: ``--fuzz-dir``, else the runner's own directory.
 
-    A wheel installs the package alone, so there is none then: a usage error saying where
-    the targets come from, not a traceback.
+    The runner is part of the checkout's ``fuzz/``, so its own directory has the targets
+    unless it was copied away from them; either way, a directory without entry points is a
+    usage error naming it, not a traceback or an empty run.
     """
     if fuzz_dir is None:
-        path = PACKAGE_DIR.parent / "fuzz"
-        if not any(path.glob("fuzz_*.py")):
-            raise UsageError(
-                f"no fuzz targets in {path}: `balloonctl fuzz` runs the fuzz/ of a source "
-                "checkout (this balloonctl looks installed from a wheel); run it from a git "
-                "clone or pass --fuzz-dir DIR"
-            )
+        path = FUZZ_DIR
     else:
         path = Path(fuzz_dir).resolve()  # absolute: the subprocesses run elsewhere
         if not path.is_dir():
             raise UsageError(f"--fuzz-dir {fuzz_dir} is not a directory")
     tree = FuzzTree(path)
     if not tree.targets():
-        raise UsageError(f"no fuzz targets (fuzz_*.py) in {path}")
+        raise UsageError(
+            f"no fuzz targets (fuzz_*.py) in {path}: the runner fuzzes the entry points of "
+            "the fuzz/ it lives in, or of --fuzz-dir DIR"
+        )
     return tree
 
 
@@ -164,7 +169,7 @@ def state_dir() -> Path:
 
 
 def _require(module: str, hint: str) -> None:
-    # find_spec looks without importing: the package itself must never need atheris.
+    # find_spec looks without importing: reproduce and coverage run without atheris.
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"{module} is not installed in {sys.executable}: {hint}")
 
@@ -175,8 +180,8 @@ def _env() -> dict[str, str]:
     # libFuzzer's -fork and -merge re-run the entry point by its path, so its shebang
     # (`/usr/bin/env python3`) must find this interpreter, whether its venv is active or not.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
-    # Run from a checkout without an install (`python -m balloonctl`), the harnesses must
-    # import this same package.
+    # The package may come from the checkout without an install (the root on sys.path): the
+    # harnesses must import this same copy, not another one installed elsewhere.
     if (PACKAGE_DIR.parent / "pyproject.toml").is_file():
         env["PYTHONPATH"] = os.pathsep.join(
             part for part in (str(PACKAGE_DIR.parent), env.get("PYTHONPATH")) if part
@@ -273,7 +278,7 @@ def _run_logged(
                         f"{what} still running after {limit:.0f} s; ended (log {log})"
                     )
     finally:
-        _stop(proc)  # Ctrl-C, SIGTERM (cli raises SystemExit), any error: no orphan fuzzer
+        _stop(proc)  # Ctrl-C, SIGTERM (__main__ raises SystemExit), any error: no orphan fuzzer
 
 
 def _copy(source: IO[bytes], sink: IO[str]) -> None:
@@ -404,7 +409,7 @@ def run_campaign(tree: FuzzTree, target: str, corpus: Path, opts: RunOptions) ->
     cmd.extend(opts.extra)
     log = opts.logs / f"{target}.log"
     print(
-        f"balloonctl: fuzzing {target} for {opts.seconds} s on {opts.jobs} job(s) (log {log})",
+        f"fuzz: fuzzing {target} for {opts.seconds} s on {opts.jobs} job(s) (log {log})",
         file=sys.stderr,
         flush=True,
     )
@@ -486,7 +491,7 @@ def cmd_run(args: argparse.Namespace) -> tuple[Report, int]:
     ]
     findings = [path for campaign in campaigns for path in campaign.findings]
     for path in findings:
-        print(f"balloonctl: finding: {path}", file=sys.stderr)
+        print(f"fuzz: finding: {path}", file=sys.stderr)
     report: Report = {
         "targets": [asdict(campaign) for campaign in campaigns],
         "artifacts": str(opts.artifacts),
@@ -515,7 +520,7 @@ def render_run(report: Report) -> str:
             f"{cov:>12} {len(row['findings']):>8}"
         )
     if report["findings"]:
-        lines.append("findings (see each with `balloonctl fuzz reproduce FILE`):")
+        lines.append("findings (see each with `python -m fuzz reproduce FILE`):")
         lines.extend(f"  {path}" for path in report["findings"])
     else:
         lines.append("no findings")
@@ -542,7 +547,7 @@ def cmd_minimize(args: argparse.Namespace) -> tuple[Report, int]:
         if _count(source) == 0:
             raise UsageError(
                 f"nothing to merge into the {target} corpus: {source} is empty or missing "
-                f"(run `balloonctl fuzz run {target}` first, or pass --from DIR)"
+                f"(run `python -m fuzz run {target}` first, or pass --from DIR)"
             )
         entry = tree.entry(target)
         if not os.access(entry, os.X_OK):
@@ -677,8 +682,8 @@ _DIFFERENTIAL_GRACE_S = 660.0
 
 
 def cmd_differential(args: argparse.Namespace) -> tuple[Report, int]:
-    """Run ``fuzz/differential.py fuzz`` (a subprocess: the package never imports fuzz/)
-    on the committed corpus and the vring_image campaign's working corpus."""
+    """Run ``fuzz/differential.py fuzz`` (a subprocess: it builds and drives the Rust oracle
+    for a whole run) on the committed corpus and the vring_image campaign's working corpus."""
     tree = locate(args.fuzz_dir)
     script = tree.fuzz_dir / "differential.py"
     if not script.is_file():
@@ -710,7 +715,7 @@ def cmd_differential(args: argparse.Namespace) -> tuple[Report, int]:
     except json.JSONDecodeError:
         report = {}
     if proc.returncode == _DIFFERENTIAL_NOT_RUN and report.get("status") == "not-run":
-        print(f"balloonctl: differential NOT RUN: {report['reason']}", file=sys.stderr)
+        print(f"fuzz: differential NOT RUN: {report['reason']}", file=sys.stderr)
         return report, 1
     if proc.returncode not in (EXIT_OK, EXIT_FINDING) or report.get("status") != "ran":
         raise FuzzerFailed(
@@ -718,7 +723,7 @@ def cmd_differential(args: argparse.Namespace) -> tuple[Report, int]:
             f"{_last_words(proc.stdout)}"
         )
     for entry in report["unexplained"]:
-        print(f"balloonctl: finding: {entry.get('artifact', entry['ring'])}", file=sys.stderr)
+        print(f"fuzz: finding: {entry.get('artifact', entry['ring'])}", file=sys.stderr)
     return report, EXIT_FINDING if report["unexplained"] else EXIT_OK
 
 
