@@ -16,7 +16,7 @@ against Debian's packaged crates (``librust-virtio-queue-dev``, Debian 13) into
 packaged crates change. It runs as one persistent process (``--serve``) answering
 length-prefixed rings, so a comparison costs a pipe round trip, not an exec.
 
-Command line (``balloonctl fuzz differential`` runs ``fuzz``)::
+Command line (``python -m fuzz differential`` runs ``fuzz``)::
 
     python3 fuzz/differential.py build
     python3 fuzz/differential.py fuzz [--time S] [--seed N] [--corpus DIR]... [--artifacts DIR]
@@ -1344,7 +1344,7 @@ def run_fuzz(
     for corpus in corpora:
         if (corpus / "vring_image").is_dir() or (corpus / "vring_ops").is_dir():
             rings: Iterator[Ring] = corpus_rings(corpus)
-        else:  # a working corpus of `balloonctl fuzz run vring_image`
+        else:  # a working corpus of `python -m fuzz run vring_image`
             rings = (
                 r
                 for p in sorted(corpus.glob("*"))

@@ -916,7 +916,7 @@ def config(data: bytes) -> None:
 
 
 #: Every harness by target name: the contract ``fuzz_*.py``, ``fuzz/replay.py``, the tests
-#: and ``balloonctl fuzz`` rely on.
+#: and ``python -m fuzz`` rely on.
 TARGETS: Final[Mapping[str, Callable[[bytes], None]]] = {
     "vring_ops": vring_ops,
     "vring_image": vring_image,

@@ -3,7 +3,7 @@
 
 On the first input that escapes the harness (an undocumented exception or an
 OracleViolation) it prints one line, ``FINDING <target> <file>: <Type>: <message>``, and
-exits 1; otherwise ``ok <target>: N inputs`` and exit 0. ``balloonctl fuzz reproduce`` and
+exits 1; otherwise ``ok <target>: N inputs`` and exit 0. ``python -m fuzz reproduce`` and
 the coverage run call it by path, so it must work from any current directory.
 """
 

@@ -44,7 +44,7 @@ def test_every_target_has_seeds_and_a_dictionary() -> None:
 
 
 def test_entry_points_are_executable() -> None:
-    """libFuzzer's -fork and -merge (balloonctl fuzz run --jobs N, minimize) run them by path."""
+    """libFuzzer's -fork and -merge (python -m fuzz run --jobs N, minimize) run them by path."""
     for target in entry_points():
         entry = REPO / "fuzz" / f"fuzz_{target}.py"
         assert os.access(entry, os.X_OK), entry
