@@ -50,10 +50,9 @@ import numpy as np
 from balloonctl import errors
 from balloonctl.backends import libvirt as libvirt_backend
 from balloonctl.backends import qmpvocab
-from balloonctl.cli.vring_commands import parse_queue_status
-from balloonctl.daemon.config import ConfigError
+from balloonctl.backends.qmpvocab import parse_queue_status
 from balloonctl.daemon.config import load as load_config
-from balloonctl.errors import BalloonError, VirtioError
+from balloonctl.errors import BalloonError, ConfigError, VirtioError
 from balloonctl.guest.allocator import PageState
 from balloonctl.guest.testbed import Testbed, TestbedConfig
 from balloonctl.units import PAGE_SHIFT, PAGE_SIZE

@@ -12,7 +12,7 @@ names, pure tables without I/O.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,6 +60,47 @@ class FeatureState:
     queues: int = 0
 
 
+@dataclass(frozen=True)
+class QueueStatus:
+    """``x-query-virtio-queue-status``: where the rings are and how far the device got."""
+
+    index: int
+    size: int
+    desc: int
+    avail: int
+    used: int
+    last_avail_idx: int
+    used_idx: int
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped by the device and not yet returned (QEMU's ``inuse``)."""
+        return (self.last_avail_idx - self.used_idx) & 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRam:
+    """What the VM says of its RAM: the bounds ``vring dump`` checks rings and buffers by.
+
+    A backend reports facts and computes nothing: where a PC machine's RAM goes when its
+    host bridge does not say is the dump's business (``cli/vring_commands.py``).
+    """
+
+    #: Bytes of boot RAM (``base-memory``); hot-plugged DIMMs are not included.
+    size: int
+    #: ``/machine``'s type when it is a PC machine (``pc-q35-*``, ``pc-i440fx-*``), else None.
+    machine: str | None = None
+    #: ``q35`` or ``i440fx`` on a PC machine, else None.
+    chipset: str | None = None
+    #: The PC host bridge's QOM path, asked for the split (``/machine/q35``); "" if none.
+    host_bridge: str = ""
+    #: ``(below_4g, above_4g)`` bytes as the host bridge reports them, when they add up to
+    #: ``size``; None when the split must be computed.
+    host_split: tuple[int, int] | None = None
+    #: ``/machine``'s ``max-ram-below-4g`` when the split must be computed (0: the default).
+    max_ram_below_4g: int = 0
+
+
 class ActualWatch(Protocol):
     """What :meth:`Backend.watch_actual` yields: the guest's size from each BALLOON_CHANGE.
 
@@ -84,7 +125,12 @@ class ActualWatch(Protocol):
 
 
 class Backend(Protocol):
-    """One VM's balloon. Use as ``async with backend:`` (connects, then closes)."""
+    """One VM's balloon. Use as ``async with backend:`` (connects, then closes).
+
+    There is no raw QMP here: what only QEMU's monitor can say is a typed question
+    (:meth:`virtio_queue_status`, :meth:`guest_ram`) whose command names and reply shapes
+    live in :mod:`~balloonctl.backends.qmpvocab` alone, whichever carrier sends them.
+    """
 
     #: The VM as the user named it (socket address, domain name).
     name: str
@@ -127,13 +173,14 @@ class Backend(Protocol):
         Bounded: a consumer that falls behind loses old values, never memory.
         """
 
-    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
-        """One QMP command on the VM's monitor, its ``return`` value as JSON.
+    async def virtio_queue_status(self, path: str, index: int) -> QueueStatus:
+        """Where queue ``index`` of the virtio device at QOM ``path`` is, and how far the
+        device got: QEMU's own state, for ``vring dump``. Shape checked, values not (the
+        ring parser judges them)."""
 
-        For what only QMP can say (``x-query-virtio-queue-status``, ...). The QMP backend
-        sends it on its own connection; the libvirt backend passes it through
-        ``qemuMonitorCommand``. Queries are retried after a drop, actions never are.
-        """
+    async def guest_ram(self) -> GuestRam:
+        """What the VM says of its RAM: its size, and on a PC machine how it is split
+        around the 32-bit PCI hole."""
 
     async def read_guest_memory(self, gpa: int, size: int) -> bytes:
         """``size`` bytes of guest-physical memory from ``gpa`` (``size`` <= MAX_READ).

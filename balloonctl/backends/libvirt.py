@@ -51,7 +51,6 @@ import logging
 import re
 import threading
 import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -62,6 +61,7 @@ import libvirt_qemu
 import libvirtaio
 
 from balloonctl.backends.base import MAX_READ, FeatureState, GuestStats
+from balloonctl.backends.mailbox import Mailbox
 from balloonctl.backends.qmpvocab import (
     NoQmpCarrier,
     QmpVocabulary,
@@ -70,6 +70,7 @@ from balloonctl.backends.qmpvocab import (
     decode_guest_stats,
     is_idempotent,
     names_extended_stats,
+    refusal,
 )
 from balloonctl.errors import (
     BalloonError,
@@ -399,36 +400,10 @@ def running_balloon_domains(uri: str) -> list[DomainRow]:
 # --------------------------------------------------------------------------------------------
 
 
-class _BoundedValues:
-    """The newest ``maxlen`` values pushed from libvirt's callbacks, read by one consumer."""
-
-    def __init__(self, maxlen: int) -> None:
-        self._pending: deque[int] = deque(maxlen=maxlen)
-        self._arrived = asyncio.Event()
-        #: Values dropped because nobody read them in time.
-        self.dropped = 0
-
-    def push(self, value: int) -> None:
-        if len(self._pending) == self._pending.maxlen:
-            self.dropped += 1
-        self._pending.append(value)
-        self._arrived.set()
-
-    def wake(self) -> None:
-        self._arrived.set()
-
-    def pop(self) -> int | None:
-        return self._pending.popleft() if self._pending else None
-
-    async def wait(self) -> None:
-        self._arrived.clear()
-        await self._arrived.wait()
-
-
 class _ActualValues:
     """What :meth:`LibvirtBackend.watch_actual` yields: BALLOON_CHANGE actuals in bytes."""
 
-    def __init__(self, vm: str, values: _BoundedValues, alive: Callable[[], bool]) -> None:
+    def __init__(self, vm: str, values: Mailbox[int], alive: Callable[[], bool]) -> None:
         self._vm = vm
         self._values = values
         self._alive = alive
@@ -438,7 +413,7 @@ class _ActualValues:
 
     async def __anext__(self) -> int:
         while True:
-            value = self._values.pop()
+            value = self._values.get_nowait()
             if value is not None:
                 return value
             if not self._alive():
@@ -449,9 +424,7 @@ class _ActualValues:
 
     def latest(self) -> int | None:
         """The newest unread value without waiting (see :class:`~.base.ActualWatch`)."""
-        newest = None
-        while (value := self._values.pop()) is not None:
-            newest = value
+        newest = self._values.latest()
         if not self._alive():
             raise ConnectionLost(
                 f"connection to libvirt lost while watching VM {self._vm}'s balloon"
@@ -859,7 +832,7 @@ class LibvirtBackend(QmpVocabulary):
         closes: events of the gap are lost, so re-read :meth:`actual` before going on.
         """
         session = await self._connected()
-        values = _BoundedValues(self.WATCH_BACKLOG)
+        values: Mailbox[int] = Mailbox(self.WATCH_BACKLOG)
         loop = asyncio.get_running_loop()
 
         def on_balloon(
@@ -867,7 +840,7 @@ class LibvirtBackend(QmpVocabulary):
         ) -> None:
             # libvirtaio dispatches on the loop; handing over is right from any thread.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(values.push, int(actual_kib) * 1024)
+                loop.call_soon_threadsafe(values.put, int(actual_kib) * 1024)
 
         session.on_close.append(values.wake)
 
@@ -943,21 +916,10 @@ class LibvirtBackend(QmpVocabulary):
             if not isinstance(error, dict):
                 raise PeerError(f"VM {self.name}: {command}: a malformed error reply")
             error_class = str(error.get("class", "GenericError"))
-            desc = _one_line(str(error.get("desc", "")))
-            if error_class == "DeviceNotActive":
-                text = f"VM {self.name} has no balloon device (QEMU: {desc})"
-            elif error_class == "CommandNotFound":
-                text = f"VM {self.name} does not know the QMP command {command} (QEMU: {desc})"
-            else:
-                text = f"VM {self.name} refused {command}: {desc}"
-            raise CommandFailed(text, error_class=error_class)
+            raise refusal(self.name, command, error_class, _one_line(str(error.get("desc", ""))))
         if "return" not in reply:
             raise PeerError(f"VM {self.name}: {command}: a reply with neither return nor error")
         return reply["return"]
-
-    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
-        """Any QMP command through libvirt; queries are retried after a drop."""
-        return await self._execute(command, arguments)
 
     async def read_guest_memory(self, gpa: int, size: int) -> bytes:
         """``virDomainMemoryPeek(VIR_MEMORY_PHYSICAL)`` in chunks of at most 64 KiB (libvirt's
@@ -1000,23 +962,9 @@ class LibvirtBackend(QmpVocabulary):
         event; its VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED does fire, but the QOM tree is the
         authority that device_add's "Duplicate device ID" checks, so it is what is polled.
         """
-        device_id = plan.location.device_id
-
-        async def present() -> bool:
-            if device_id is not None:
-                listing = await self._execute("qom-list", {"path": "/machine/peripheral"})
-                if not isinstance(listing, list):
-                    raise PeerError("qom-list: expected a list")
-                return any(isinstance(e, dict) and e.get("name") == device_id for e in listing)
-            reply = await self._execute("x-query-virtio")
-            if not isinstance(reply, list):
-                raise PeerError("x-query-virtio: expected a list")
-            return any(
-                isinstance(e, dict) and e.get("path") == plan.location.backend for e in reply
-            )
 
         async def gone() -> None:
-            while await present():
+            while await self._balloon_present(plan.location):
                 await asyncio.sleep(_REMOVAL_POLL_S)
 
         yield gone

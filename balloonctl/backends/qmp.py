@@ -34,7 +34,6 @@ import secrets
 import socket
 import stat
 import tempfile
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Final
@@ -73,24 +72,28 @@ from tenacity import (
 )
 
 from balloonctl.backends.address import QmpAddress, parse_address
-from balloonctl.backends.base import MAX_READ, GuestStats
+from balloonctl.backends.base import MAX_READ
+from balloonctl.backends.mailbox import Mailbox
 from balloonctl.backends.qmpvocab import (
+    BALLOON_CHANGE,
     DEFAULT_BALLOON_PATH,
+    DEVICE_DELETED,
     FEATURE_PROPERTIES,
     BalloonLocation,
     QmpVocabulary,
     RemovalWait,
-    _as_object,
-    _int_member,
     _is_int,
     _one_line,
     _ReplugPlan,
+    balloon_change_actual,
     decode_guest_stats,
     decode_virtio_status,
+    device_deleted_names,
     device_status_names,
     feature_property_changes,
     is_idempotent,
     locate_balloon,
+    refusal,
 )
 from balloonctl.errors import (
     CommandFailed,
@@ -117,6 +120,7 @@ class BoundedEventListener(EventListener):
     ``qemu.qmp``'s listener appends every event it accepts to a history list and an unbounded
     queue. That is right for a test script and wrong for a daemon: a consumer that falls behind
     must lose the *oldest* values (only the latest ``actual`` matters), never grow memory.
+    The keeping and dropping is :class:`~.mailbox.Mailbox`'s, shared with the libvirt backend.
     """
 
     def __init__(
@@ -127,12 +131,7 @@ class BoundedEventListener(EventListener):
         event_filter: EventFilter | None = None,
     ) -> None:
         super().__init__(names, event_filter)
-        if maxlen < 1:
-            raise ValueError("maxlen must be at least 1")
-        self._pending: deque[Message] = deque(maxlen=maxlen)
-        self._arrived = asyncio.Event()
-        #: Events dropped because nobody read them in time.
-        self.dropped = 0
+        self.mailbox: Mailbox[Message] = Mailbox(maxlen)
 
     @property
     def history(self) -> tuple[Message, ...]:
@@ -142,57 +141,44 @@ class BoundedEventListener(EventListener):
     @property
     def maxlen(self) -> int:
         """How many unread events are kept."""
-        assert self._pending.maxlen is not None
-        return self._pending.maxlen
+        return self.mailbox.maxlen
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because nobody read them in time."""
+        return self.mailbox.dropped
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.mailbox)
 
     async def put(self, event: Message) -> None:
         """Keep ``event`` if accepted, dropping the oldest unread one when full."""
-        if not self.accept(event):
-            return
-        if len(self._pending) == self.maxlen:
-            self.dropped += 1
-        self._pending.append(event)
-        self._arrived.set()
+        if self.accept(event):
+            self.mailbox.put(event)
 
     def wake(self) -> None:
         """Wake a waiter without an event (the connection it waits on has ended)."""
-        self._arrived.set()
+        self.mailbox.wake()
 
     def get_nowait(self) -> Message | None:
         """The oldest unread event, or None."""
-        return self._pending.popleft() if self._pending else None
+        return self.mailbox.get_nowait()
 
     async def get(self) -> Message:
         """Wait for the oldest unread event."""
-        while not self._pending:
-            self._arrived.clear()
-            await self._arrived.wait()
-        return self._pending.popleft()
+        return await self.mailbox.get()
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for an unread event; whether there is one."""
-        if self._pending:
-            return True
-        self._arrived.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._arrived.wait()
-        except TimeoutError:
-            pass
-        return bool(self._pending)
+        return await self.mailbox.wait(timeout)
 
     def empty(self) -> bool:
         """Whether no event is waiting."""
-        return not self._pending
+        return self.mailbox.empty()
 
     def clear(self) -> list[Message]:
         """Drop and return the unread events (``qemu.qmp`` calls this on removal)."""
-        events = list(self._pending)
-        self._pending.clear()
-        return events
+        return self.mailbox.clear()
 
 
 #: How often a waiter on events looks whether the connection is still up. Only a fallback:
@@ -220,11 +206,6 @@ async def _next_event(
         await listener.wait(_RUNSTATE_POLL)
 
 
-def _balloon_change_actual(event: Message) -> int:
-    data = _as_object(event.get("data"), "BALLOON_CHANGE: 'data'")
-    return _int_member(data, "actual", "BALLOON_CHANGE")
-
-
 class _ActualValues:
     """The async iterator :meth:`QmpBackend.watch_actual` yields: BALLOON_CHANGE ``actual``s."""
 
@@ -237,17 +218,15 @@ class _ActualValues:
         return self
 
     async def __anext__(self) -> int:
-        event = await _next_event(self._alive, self._listener, self._vm, "BALLOON_CHANGE")
-        return _balloon_change_actual(event)
+        event = await _next_event(self._alive, self._listener, self._vm, BALLOON_CHANGE)
+        return balloon_change_actual(event)
 
     def latest(self) -> int | None:
         """The newest unread value without waiting (see :class:`~.base.ActualWatch`)."""
-        newest = None
-        while (event := self._listener.get_nowait()) is not None:
-            newest = event
+        newest = self._listener.mailbox.latest()
         if not self._alive():
             raise ConnectionLost(f"connection to VM {self._vm} lost while watching BALLOON_CHANGE")
-        return None if newest is None else _balloon_change_actual(newest)
+        return None if newest is None else balloon_change_actual(newest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,16 +690,7 @@ class QmpBackend(QmpVocabulary):
 
     def _refused(self, command: str, exc: ExecuteError) -> CommandFailed:
         """QMP's error reply as a :class:`CommandFailed` keeping its class (qapi/error.json)."""
-        error_class = exc.error_class
-        desc = _one_line(str(exc))
-        if error_class == "DeviceNotActive":
-            # qmp_balloon/qmp_query_balloon: "No balloon device has been activated".
-            message = f"VM {self.name} has no balloon device (QEMU: {desc})"
-        elif error_class == "CommandNotFound":
-            message = f"VM {self.name} does not know the QMP command {command} (QEMU: {desc})"
-        else:
-            message = f"VM {self.name} refused {command}: {desc}"
-        return CommandFailed(message, error_class=error_class)
+        return refusal(self.name, command, exc.error_class, _one_line(str(exc)))
 
     async def _execute_once(self, command: str, arguments: Mapping[str, object] | None) -> object:
         """Send ``command`` once; every failure mapped to a :class:`BalloonError`."""
@@ -822,70 +792,20 @@ class QmpBackend(QmpVocabulary):
         location = plan.location
 
         def is_ours(event: Message) -> bool:
-            data = event.get("data")
-            if not isinstance(data, dict):
-                return False
-            if location.device_id is not None and data.get("device") == location.device_id:
-                return True
-            return data.get("path") == location.device
+            return device_deleted_names(event, location)
 
         client = await self._connected()
-        listener = BoundedEventListener("DEVICE_DELETED", maxlen=8, event_filter=is_ours)
+        listener = BoundedEventListener(DEVICE_DELETED, maxlen=8, event_filter=is_ours)
 
         async def gone() -> None:
             # Tied to the session device_del went out on (called right after its reply).
             alive = self._alive(self._session)
-            await _next_event(alive, listener, self.name, "DEVICE_DELETED")
+            await _next_event(alive, listener, self.name, DEVICE_DELETED)
 
         with self._listening(client, listener):
             yield gone
 
     # ---------------------------------------------------------------- Backend
-
-    async def actual(self) -> int:
-        """Guest memory now (``query-balloon`` ``actual``, bytes)."""
-        reply = _as_object(await self._execute("query-balloon"), "query-balloon")
-        return _int_member(reply, "actual", "query-balloon")
-
-    async def max_memory(self) -> int:
-        """RAM at boot plus hot-plugged memory (``query-memory-size-summary``)."""
-        what = "query-memory-size-summary"
-        reply = _as_object(await self._execute(what), what)
-        total = _int_member(reply, "base-memory", what)
-        if "plugged-memory" in reply:
-            total += _int_member(reply, "plugged-memory", what)
-        return total
-
-    async def set_target(self, target: int) -> None:
-        """``balloon {"value": target}``: the guest's target size. Sent once, never retried."""
-        if not _is_int(target) or target <= 0:
-            # qmp_balloon refuses it too (QERR_INVALID_PARAMETER_VALUE), after a round trip.
-            raise UsageError(f"balloon target must be a positive number of bytes, not {target!r}")
-        await self._execute("balloon", {"value": target})
-
-    async def stats(self) -> GuestStats:
-        """``qom-get guest-stats`` of the balloon, normalized (:func:`decode_guest_stats`)."""
-        return decode_guest_stats(await self._guest_stats_reply())
-
-    async def stats_period(self) -> int:
-        """``guest-stats-polling-interval`` in seconds (0: off)."""
-        location = await self._locate()
-        value = await self._qom_get(location.device, "guest-stats-polling-interval")
-        if not _is_int(value) or not isinstance(value, int) or value < 0:
-            raise PeerError("qom-get guest-stats-polling-interval: not a non-negative integer")
-        return value
-
-    async def set_stats_period(self, seconds: int) -> None:
-        """qom-set ``guest-stats-polling-interval`` (never retried: it is an action)."""
-        if not _is_int(seconds) or seconds < 0:
-            raise UsageError(
-                f"stats period must be a whole number of seconds >= 0, not {seconds!r}"
-            )
-        location = await self._locate()
-        await self._execute(
-            "qom-set",
-            {"path": location.device, "property": "guest-stats-polling-interval", "value": seconds},
-        )
 
     @asynccontextmanager
     async def watch_actual(self) -> AsyncIterator[_ActualValues]:
@@ -897,16 +817,12 @@ class QmpBackend(QmpVocabulary):
         """
         client = await self._connected()
         alive = self._alive(self._session)
-        listener = BoundedEventListener("BALLOON_CHANGE", maxlen=self.WATCH_BACKLOG)
+        listener = BoundedEventListener(BALLOON_CHANGE, maxlen=self.WATCH_BACKLOG)
         # qemu.qmp 0.0.6: listen() yields None, so the listener is made first (real-qemu-lab.md).
         with self._listening(client, listener):
             yield _ActualValues(self.name, alive, listener)
 
     # ---------------------------------------------------------------- raw access
-
-    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
-        """Any QMP command on this connection; queries are retried after a drop."""
-        return await self._execute(command, arguments)
 
     async def read_guest_memory(self, gpa: int, size: int) -> bytes:
         """``pmemsave`` into a private file, then read it back (QEMU must run on this host).
@@ -928,7 +844,7 @@ class QmpBackend(QmpVocabulary):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.fchmod(fd, 0o622)
             os.close(fd)
-            await self._execute("pmemsave", {"val": gpa, "size": size, "filename": path})
+            await self._pmemsave(gpa, size, path)
             with open(path, "rb") as f:
                 data = f.read(size + 1)
         except OSError as exc:

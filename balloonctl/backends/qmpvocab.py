@@ -30,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Final
 
-from balloonctl.backends.base import FeatureState, GuestStats
+from balloonctl.backends.base import FeatureState, GuestRam, GuestStats, QueueStatus
 from balloonctl.errors import (
     BalloonError,
     CommandFailed,
@@ -117,6 +117,14 @@ _NOT_WRITABLE: Final = re.compile(r"Property '[^']*\.([^'.]+)' is not writable")
 _DRIVER_OK: Final = "VIRTIO_CONFIG_S_DRIVER_OK"
 _DRIVER_OK_DESCRIPTION: Final = "Driver setup and ready"
 
+#: QEMU's PC machines by the prefix of ``/machine``'s type, with their chipset and the QOM
+#: path of the host bridge that says how RAM was split around the 32-bit PCI hole
+#: (``below-4g-mem-size``/``above-4g-mem-size``, include/hw/i386/pc.h).
+_PC_MACHINES: Final = (
+    ("pc-q35-", "q35", "/machine/q35"),
+    ("pc-i440fx-", "i440fx", "/machine/i440fx"),
+)
+
 #: Values QEMU shows for a statistic the guest never reported. QEMU keeps -1 in a uint64
 #: (virtio-balloon.c reset_stats) and visits it as uint64, so the wire may carry either form.
 _UNSUPPORTED_STAT: Final = frozenset({-1, (1 << 64) - 1})
@@ -158,6 +166,19 @@ def _int_member(obj: Mapping[str, object], key: str, what: str, *, minimum: int 
     if value < minimum:
         raise PeerError(f"{what}: {key!r} is {value}, below {minimum}")
     return value
+
+
+def refusal(vm: str, command: str, error_class: str, desc: str) -> CommandFailed:
+    """QMP's error reply as a :class:`CommandFailed` keeping its class (qapi/error.json),
+    worded the same whichever carrier brought it (``desc`` already on one line)."""
+    if error_class == "DeviceNotActive":
+        # qmp_balloon/qmp_query_balloon: "No balloon device has been activated".
+        message = f"VM {vm} has no balloon device (QEMU: {desc})"
+    elif error_class == "CommandNotFound":
+        message = f"VM {vm} does not know the QMP command {command} (QEMU: {desc})"
+    else:
+        message = f"VM {vm} refused {command}: {desc}"
+    return CommandFailed(message, error_class=error_class)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +359,75 @@ def locate_balloon(reply: object) -> BalloonLocation | None:
     return None
 
 
+#: The events balloonctl listens for (qapi/machine.json BALLOON_CHANGE, qapi/qdev.json
+#: DEVICE_DELETED).
+BALLOON_CHANGE: Final = "BALLOON_CHANGE"
+DEVICE_DELETED: Final = "DEVICE_DELETED"
+
+
+def balloon_change_actual(event: Mapping[str, object]) -> int:
+    """A ``BALLOON_CHANGE`` event's ``actual``: guest memory now, bytes."""
+    data = _as_object(event.get("data"), "BALLOON_CHANGE: 'data'")
+    return _int_member(data, "actual", "BALLOON_CHANGE")
+
+
+def device_deleted_names(event: Mapping[str, object], location: BalloonLocation) -> bool:
+    """Whether a ``DEVICE_DELETED`` event is about the balloon at ``location`` (its id, or
+    the QOM path of an anonymous device)."""
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return False
+    if location.device_id is not None and data.get("device") == location.device_id:
+        return True
+    return data.get("path") == location.device
+
+
+def _bounded_int(value: object, what: str, *, limit: int = (1 << 64) - 1) -> int:
+    """``value`` as an integer from 0 to ``limit``; anything else is :class:`PeerError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise PeerError(f"{what}: not an integer from 0 to {limit}: {value!r}")
+    return value
+
+
+def parse_queue_status(reply: object, index: int) -> QueueStatus:
+    """``x-query-virtio-queue-status`` (qapi/virtio.json VirtQueueStatus) -> QueueStatus.
+
+    Checks QEMU's answer's shape; the values themselves are the parser's to judge (a size of
+    0 or 70000 is QueueSizeInvalid, an address past RAM RingOutOfBounds).
+    """
+    what = "x-query-virtio-queue-status"
+    if not isinstance(reply, dict):
+        raise PeerError(f"{what}: not an object")
+    if (
+        "queue-index" in reply
+        and _bounded_int(reply["queue-index"], f"{what} queue-index") != index
+    ):
+        raise PeerError(f"{what}: asked for queue {index}, got {reply['queue-index']!r}")
+    u16 = 0xFFFF
+    return QueueStatus(
+        index=index,
+        size=_bounded_int(reply.get("vring-num"), f"{what} vring-num", limit=0xFFFFFFFF),
+        desc=_bounded_int(reply.get("vring-desc"), f"{what} vring-desc"),
+        avail=_bounded_int(reply.get("vring-avail"), f"{what} vring-avail"),
+        used=_bounded_int(reply.get("vring-used"), f"{what} vring-used"),
+        last_avail_idx=_bounded_int(
+            reply.get("last-avail-idx"), f"{what} last-avail-idx", limit=u16
+        ),
+        used_idx=_bounded_int(reply.get("used-idx"), f"{what} used-idx", limit=u16),
+    )
+
+
+def decode_memory_size_summary(reply: object) -> int:
+    """``query-memory-size-summary`` -> bytes of boot RAM (``base-memory``, never 0)."""
+    what = "query-memory-size-summary"
+    if not isinstance(reply, dict):
+        raise PeerError(f"{what}: not an object")
+    ram = _bounded_int(reply.get("base-memory"), f"{what} base-memory")
+    if ram == 0:
+        raise PeerError(f"{what}: the VM has no RAM")
+    return ram
+
+
 @dataclass(slots=True)
 class _ReplugPlan:
     """Everything needed to take the balloon out and put it back, read before touching it."""
@@ -387,10 +477,12 @@ class NoQmpCarrier(CommandFailed):
 class QmpVocabulary:
     """Features, live renegotiation and balloon discovery, spoken in QMP over any carrier.
 
-    A subclass provides :meth:`_execute` and :meth:`_removal_waiter`, plus the Backend
-    methods this one calls back (``stats_period``, ``set_stats_period``: a libvirt domain's
-    polling period belongs to libvirt, so it is asked through libvirt). ``name`` and
-    ``_command_timeout`` are the subclass's too.
+    A subclass provides :meth:`_execute` and :meth:`_removal_waiter`; ``name`` and
+    ``_command_timeout`` are the subclass's too. The Backend questions are answered here in
+    QMP (``actual``, ``max_memory``, ``set_target``, ``stats``, the stats period, the
+    queue status and guest RAM a dump needs), so that every command name and reply shape is
+    in this module; a carrier with a better way of its own overrides them (a libvirt
+    domain's size and polling period belong to libvirt, so libvirt is asked).
     """
 
     name: str
@@ -419,16 +511,123 @@ class QmpVocabulary:
             f"bus=pcie.0,chassis=1,slot=1 -device {driver},id={ident},bus=rp1)"
         )
 
+    # ---------------------------------------------------------------- Backend, over QMP
+
+    async def actual(self) -> int:
+        """Guest memory now (``query-balloon`` ``actual``, bytes)."""
+        reply = _as_object(await self._execute("query-balloon"), "query-balloon")
+        return _int_member(reply, "actual", "query-balloon")
+
+    async def max_memory(self) -> int:
+        """RAM at boot plus hot-plugged memory (``query-memory-size-summary``)."""
+        what = "query-memory-size-summary"
+        reply = _as_object(await self._execute(what), what)
+        total = _int_member(reply, "base-memory", what)
+        if "plugged-memory" in reply:
+            total += _int_member(reply, "plugged-memory", what)
+        return total
+
+    async def set_target(self, target: int) -> None:
+        """``balloon {"value": target}``: the guest's target size. Sent once, never retried."""
+        if not _is_int(target) or target <= 0:
+            # qmp_balloon refuses it too (QERR_INVALID_PARAMETER_VALUE), after a round trip.
+            raise UsageError(f"balloon target must be a positive number of bytes, not {target!r}")
+        await self._execute("balloon", {"value": target})
+
+    async def stats(self) -> GuestStats:
+        """``qom-get guest-stats`` of the balloon, normalized (:func:`decode_guest_stats`)."""
+        return decode_guest_stats(await self._guest_stats_reply())
+
     async def stats_period(self) -> int:
-        """The stats polling interval (subclass)."""
-        raise NotImplementedError
+        """``guest-stats-polling-interval`` in seconds (0: off)."""
+        location = await self._locate()
+        value = await self._qom_get(location.device, "guest-stats-polling-interval")
+        if not _is_int(value) or not isinstance(value, int) or value < 0:
+            raise PeerError("qom-get guest-stats-polling-interval: not a non-negative integer")
+        return value
 
     async def set_stats_period(self, seconds: int) -> None:
-        """Set the stats polling interval (subclass)."""
-        raise NotImplementedError
+        """qom-set ``guest-stats-polling-interval`` (never retried: it is an action)."""
+        if not _is_int(seconds) or seconds < 0:
+            raise UsageError(
+                f"stats period must be a whole number of seconds >= 0, not {seconds!r}"
+            )
+        location = await self._locate()
+        await self._execute(
+            "qom-set",
+            {"path": location.device, "property": "guest-stats-polling-interval", "value": seconds},
+        )
+
+    async def _pmemsave(self, gpa: int, size: int, filename: str) -> None:
+        """QEMU writes ``size`` bytes of guest-physical memory from ``gpa`` into ``filename``
+        (on QEMU's host)."""
+        await self._execute("pmemsave", {"val": gpa, "size": size, "filename": filename})
+
+    async def _balloon_present(self, location: BalloonLocation) -> bool:
+        """Whether the balloon at ``location`` is still in QEMU's QOM tree: by its id under
+        /machine/peripheral, or an anonymous one by its path in ``x-query-virtio``."""
+        device_id = location.device_id
+        if device_id is not None:
+            listing = await self._execute("qom-list", {"path": "/machine/peripheral"})
+            if not isinstance(listing, list):
+                raise PeerError("qom-list: expected a list")
+            return any(isinstance(e, dict) and e.get("name") == device_id for e in listing)
+        reply = await self._execute("x-query-virtio")
+        if not isinstance(reply, list):
+            raise PeerError("x-query-virtio: expected a list")
+        return any(isinstance(e, dict) and e.get("path") == location.backend for e in reply)
 
     async def _qom_get(self, path: str, prop: str) -> object:
         return await self._execute("qom-get", {"path": path, "property": prop})
+
+    async def _qom_int(self, path: str, prop: str) -> int | None:
+        """An integer QOM property, or None where the VM has no such object or property."""
+        try:
+            value = await self._qom_get(path, prop)
+        except CommandFailed:
+            return None
+        return _bounded_int(value, f"qom-get {path} {prop}")
+
+    async def monitor(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Any QMP command on the carrier, its ``return`` value; queries are retried after a
+        drop. Not part of :class:`~.base.Backend`: it is for tests and debugging, so that
+        the rest of balloonctl asks typed questions and speaks no QMP of its own."""
+        return await self._execute(command, arguments)
+
+    async def virtio_queue_status(self, path: str, index: int) -> QueueStatus:
+        """``x-query-virtio-queue-status`` of queue ``index`` of the VirtIODevice at ``path``
+        (QEMU >= 7.2), shape checked (:func:`parse_queue_status`)."""
+        reply = await self._execute("x-query-virtio-queue-status", {"path": path, "queue": index})
+        return parse_queue_status(reply, index)
+
+    async def guest_ram(self) -> GuestRam:
+        """The VM's boot RAM (``query-memory-size-summary``) and, on a PC machine, its split.
+
+        ``/machine``'s type says whether it is a PC machine (``pc-q35-*``, ``pc-i440fx-*``);
+        if so the host bridge is asked how RAM was split around the 32-bit PCI hole, and
+        its answer is kept only when the two halves add up to the RAM. Otherwise
+        ``/machine``'s ``max-ram-below-4g`` is read, for the caller to compute the split as
+        QEMU does. Any other machine (the simulated VM) is just a size.
+        """
+        size = decode_memory_size_summary(await self._execute("query-memory-size-summary"))
+        try:
+            machine = await self._qom_get("/machine", "type")
+        except CommandFailed:
+            machine = None
+        pc = (
+            next((m for m in _PC_MACHINES if machine.startswith(m[0])), None)
+            if isinstance(machine, str)
+            else None
+        )
+        if pc is None or not isinstance(machine, str):
+            return GuestRam(size)
+        _, chipset, host = pc
+        below = await self._qom_int(host, "below-4g-mem-size")
+        above = await self._qom_int(host, "above-4g-mem-size")
+        if below is not None and above is not None and below + above == size:
+            return GuestRam(size, machine, chipset, host, host_split=(below, above))
+        limit = await self._qom_int("/machine", "max-ram-below-4g") or 0
+        return GuestRam(size, machine, chipset, host, max_ram_below_4g=limit)
 
     async def _guest_stats_reply(self) -> object:
         """The balloon's ``qom-get guest-stats`` reply, undecoded (:func:`decode_guest_stats`,

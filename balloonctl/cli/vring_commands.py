@@ -14,8 +14,8 @@ order it popped them, which QEMU's balloon does on every queue.
 
 The guest owns the rings, so every read is bounded whatever it wrote:
 
-* The parser sees a :class:`FetchedMemory` that has the guest's RAM *bounds* (from
-  ``query-memory-size-summary`` and the PC machines' RAM split) but holds only the bytes
+* The parser sees a :class:`FetchedMemory` that has the guest's RAM *bounds* (the VM's
+  boot RAM, :meth:`Backend.guest_ram`, and the PC machines' RAM split) but holds only the bytes
   fetched so far. The parser checks each ring and buffer against the bounds before it
   reads, so a descriptor naming MMIO or an address past RAM ends as its typed error
   (``BufferOutOfBounds``, ``RingOutOfBounds``) and is never fetched: reading device memory
@@ -119,53 +119,23 @@ def pc_ranges(below: int, above: int) -> tuple[tuple[int, int], ...]:
     return tuple((base, size) for base, size in ranges if size > 0)
 
 
-def _int(value: object, what: str, *, limit: int = (1 << 64) - 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise PeerError(f"{what}: not an integer from 0 to {limit}: {value!r}")
-    return value
-
-
-async def _qom_int(backend: Backend, path: str, prop: str) -> int | None:
-    """An integer QOM property, or None where the VM has no such object or property."""
-    try:
-        value = await backend.monitor("qom-get", {"path": path, "property": prop})
-    except CommandFailed:
-        return None
-    return _int(value, f"qom-get {path} {prop}")
-
-
 async def ram_layout(backend: Backend) -> RamLayout:
     """Where the guest's RAM is: the bounds every ring and buffer is checked against.
 
-    The size is ``query-memory-size-summary``'s ``base-memory``. On QEMU's PC machines
-    (``/machine`` is a ``pc-q35-*`` or ``pc-i440fx-*``) the host bridge says how it was
-    split around the 32-bit PCI hole (``below-4g-mem-size``/``above-4g-mem-size``,
-    include/hw/i386/pc.h); where it does not, the split is computed as pc_q35.c/pc_piix.c
-    do. Anything else (the simulated VM) is taken as one range from 0. Hot-plugged DIMMs
-    (``plugged-memory``) are not included: a buffer there shows as out of bounds.
+    The size is the VM's boot RAM (:meth:`Backend.guest_ram`). On QEMU's PC machines the
+    host bridge says how it was split around the 32-bit PCI hole; where it does not, the
+    split is computed as pc_q35.c/pc_piix.c do. Anything else (the simulated VM) is taken as
+    one range from 0. Hot-plugged DIMMs (``plugged-memory``) are not included: a buffer
+    there shows as out of bounds.
     """
-    what = "query-memory-size-summary"
-    summary = await backend.monitor(what)
-    if not isinstance(summary, dict):
-        raise PeerError(f"{what}: not an object")
-    ram = _int(summary.get("base-memory"), f"{what} base-memory")
-    if ram == 0:
-        raise PeerError(f"{what}: the VM has no RAM")
-    try:
-        machine = await backend.monitor("qom-get", {"path": "/machine", "property": "type"})
-    except CommandFailed:
-        machine = None
-    if not isinstance(machine, str) or not machine.startswith(("pc-q35-", "pc-i440fx-")):
-        return RamLayout(((0, ram),), "flat")
-    q35 = machine.startswith("pc-q35-")
-    host = "/machine/q35" if q35 else "/machine/i440fx"
-    below = await _qom_int(backend, host, "below-4g-mem-size")
-    above = await _qom_int(backend, host, "above-4g-mem-size")
-    if below is not None and above is not None and below + above == ram:
-        return RamLayout(pc_ranges(below, above), f"{machine} ({host})")
-    limit = await _qom_int(backend, "/machine", "max-ram-below-4g") or 0
-    below, above = (q35_split if q35 else i440fx_split)(ram, limit)
-    return RamLayout(pc_ranges(below, above), f"{machine} (computed)")
+    ram = await backend.guest_ram()
+    if ram.machine is None:
+        return RamLayout(((0, ram.size),), "flat")
+    if ram.host_split is not None:
+        return RamLayout(pc_ranges(*ram.host_split), f"{ram.machine} ({ram.host_bridge})")
+    split = q35_split if ram.chipset == "q35" else i440fx_split
+    below, above = split(ram.size, ram.max_ram_below_4g)
+    return RamLayout(pc_ranges(below, above), f"{ram.machine} (computed)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,44 +335,6 @@ def decode_for(state: FeatureState, queue: str) -> Decode:
     return Decode.PFN
 
 
-@dataclass(frozen=True)
-class QueueStatus:
-    """``x-query-virtio-queue-status``: where the rings are and how far the device got."""
-
-    index: int
-    size: int
-    desc: int
-    avail: int
-    used: int
-    last_avail_idx: int
-    used_idx: int
-
-    @property
-    def in_flight(self) -> int:
-        """Chains popped by the device and not yet returned (QEMU's ``inuse``)."""
-        return (self.last_avail_idx - self.used_idx) & 0xFFFF
-
-
-def parse_queue_status(reply: object, index: int) -> QueueStatus:
-    """Check QEMU's answer's shape; the values themselves are the parser's to judge
-    (a size of 0 or 70000 is QueueSizeInvalid, an address past RAM RingOutOfBounds)."""
-    what = "x-query-virtio-queue-status"
-    if not isinstance(reply, dict):
-        raise PeerError(f"{what}: not an object")
-    if "queue-index" in reply and _int(reply["queue-index"], f"{what} queue-index") != index:
-        raise PeerError(f"{what}: asked for queue {index}, got {reply['queue-index']!r}")
-    u16 = 0xFFFF
-    return QueueStatus(
-        index=index,
-        size=_int(reply.get("vring-num"), f"{what} vring-num", limit=0xFFFFFFFF),
-        desc=_int(reply.get("vring-desc"), f"{what} vring-desc"),
-        avail=_int(reply.get("vring-avail"), f"{what} vring-avail"),
-        used=_int(reply.get("vring-used"), f"{what} vring-used"),
-        last_avail_idx=_int(reply.get("last-avail-idx"), f"{what} last-avail-idx", limit=u16),
-        used_idx=_int(reply.get("used-idx"), f"{what} used-idx", limit=u16),
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # The dump
 # --------------------------------------------------------------------------------------------
@@ -422,10 +354,7 @@ async def dump(backend: Backend, queue: str, *, read_limit: int = READ_LIMIT) ->
         raise CommandFailed(
             f"the {queue} queue would be number {index}, but the device has {state.queues} queues"
         )
-    reply = await backend.monitor(
-        "x-query-virtio-queue-status", {"path": state.device_path, "queue": index}
-    )
-    status = parse_queue_status(reply, index)
+    status = await backend.virtio_queue_status(state.device_path, index)
     if status.desc == status.avail == status.used == 0:
         raise CommandFailed(f"the {queue} queue is not set up by the guest (all addresses 0)")
     layout = await ram_layout(backend)
