@@ -3,55 +3,41 @@
 Like rust-vmm's ``MockSplitQueue`` it lives beside the real code and is reused by the tests,
 the benchmarks, the ring-image generator and (later) the fuzz seed corpora. It writes raw
 bytes, so a test can also write what no honest driver would: that is how every hostile class
-in DESIGN.md's table is produced. The full driver model of the seed (free-list management,
-queue-full behaviour, ``tell_host_sgs``) is ``balloonctl.guest``; this is the bare minimum.
+of docs/vring-parse.md ("Hostile-guest input classes") is produced. The full driver model of
+the seed (free-list management, queue-full behaviour, ``tell_host_sgs``) is
+``balloonctl.guest``; this is the bare minimum.
+
+:class:`RingLayout` is production code and lives in :mod:`balloonctl.virtio.layout`; it is
+imported here so that ``from balloonctl.virtio.mock import RingLayout`` keeps working.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from balloonctl.virtio import spec
+from balloonctl.virtio.layout import RingLayout, align_up
 from balloonctl.virtio.memory import GuestMemory
 from balloonctl.virtio.queue import SplitQueue
+
+__all__ = [
+    "Buffer",
+    "BumpAllocator",
+    "MockDriverQueue",
+    "RawDescriptor",
+    "RingLayout",
+    "align_up",
+    "pfn_array",
+    "stats_buffer",
+]
 
 #: (addr, len, device_writable)
 Buffer = tuple[int, int, bool]
 #: (addr, len, flags, next): a raw descriptor, exactly as written.
 RawDescriptor = tuple[int, int, int, int]
-
-
-def align_up(value: int, align: int) -> int:
-    """``value`` rounded up to a multiple of ``align`` (a power of two)."""
-    return (value + align - 1) & ~(align - 1)
-
-
-@dataclass(frozen=True, slots=True)
-class RingLayout:
-    """Where a queue's three parts are: the legacy layout (2.7.2) packed without padding."""
-
-    size: int
-    desc: int
-    avail: int
-    used: int
-
-    @classmethod
-    def packed(cls, size: int, base: int = 0) -> RingLayout:
-        """Descriptor table at ``base``, the available ring after it, the used ring after
-        that at its 4-byte alignment: the smallest legal footprint."""
-        desc = align_up(base, spec.DESC_ALIGN)
-        avail = desc + spec.desc_table_size(size)
-        used = align_up(avail + spec.avail_ring_size(size), spec.USED_ALIGN)
-        return cls(size, desc, avail, used)
-
-    @property
-    def end(self) -> int:
-        """First byte after the used ring."""
-        return self.used + spec.used_ring_size(self.size)
 
 
 class BumpAllocator:
