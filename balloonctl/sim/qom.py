@@ -10,18 +10,16 @@ trees, ``hw/virtio/virtio.c`` in 7.2). Error texts are QEMU's (``qom/qom-qmp-cmd
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from balloonctl.errors import CommandFailed
 from balloonctl.sim.balloon import PROPERTIES, SimBalloon
 from balloonctl.sim.qemu_props import NO_DEFAULT, PropInfo, Scalar
+from balloonctl.sim.qemu_versions import QemuProfile
 from balloonctl.sim.qmp_server import JsonObject
 from balloonctl.virtio import spec
 from balloonctl.virtio.features import FeatureBit, Profile
 from balloonctl.virtio.spec import BalloonQueue
-
-if TYPE_CHECKING:
-    from balloonctl.sim.machine import SimMachine
 
 PERIPHERAL: Final = "/machine/peripheral"
 ROOT_BUS_PATH: Final = "/machine/q35/pcie.0"
@@ -45,6 +43,35 @@ _STATUS_NAMES: Final = (
 _PROFILE_PROPERTIES: Final = frozenset(name for props in PROPERTIES.values() for name in props)
 #: How the seed-sg device lists its ``sg`` property (a DEFINE_PROP_BIT, like its siblings).
 _SG_PROPERTY: Final = PropInfo("sg", "bool", True, "on/off")
+
+
+class MachineView(Protocol):
+    """What this module reads of the simulated VM (:class:`balloonctl.sim.machine.SimMachine`).
+
+    A protocol, not an import: the machine dispatches QMP to this module, so importing the
+    machine here would close a circle (machine -> qom -> machine). Read-only, since QOM only
+    shows the machine's state; ``qom-set`` goes to the balloon.
+    """
+
+    @property
+    def balloon(self) -> SimBalloon | None:
+        """The plugged balloon, if any."""
+
+    @property
+    def buses(self) -> tuple[str, ...]:
+        """The machine's buses, pcie.0 first."""
+
+    @property
+    def profile(self) -> Profile:
+        """The balloon's device profile (virtio-1.2 or seed-sg)."""
+
+    @property
+    def qemu(self) -> QemuProfile:
+        """The QEMU the VM answers as."""
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """``guest-stats`` names in tag order."""
 
 
 def device_path(dev_id: str) -> str:
@@ -89,7 +116,7 @@ def poll_interval(value: object) -> int:
     return value
 
 
-def listed_properties(machine: SimMachine) -> dict[str, PropInfo]:
+def listed_properties(machine: MachineView) -> dict[str, PropInfo]:
     """device-list-properties of the balloon this VM's profile plugs, by name, in order."""
     listing = {
         info.name: info
@@ -101,7 +128,7 @@ def listed_properties(machine: SimMachine) -> dict[str, PropInfo]:
     return listing
 
 
-def device_properties(machine: SimMachine, typename: str) -> list[JsonObject]:
+def device_properties(machine: MachineView, typename: str) -> list[JsonObject]:
     """qmp_device_list_properties (qom/qom-qmp-cmds.c) for the balloon's driver."""
     if typename != "virtio-balloon-pci":
         # The sim knows no other device type (QEMU would list a real one's properties).
@@ -118,7 +145,7 @@ def device_properties(machine: SimMachine, typename: str) -> list[JsonObject]:
     return out
 
 
-def _balloon_at(machine: SimMachine, path: str) -> SimBalloon | None:
+def _balloon_at(machine: MachineView, path: str) -> SimBalloon | None:
     balloon = machine.balloon
     if balloon is not None and path in (device_path(balloon.dev_id), backend_path(balloon.dev_id)):
         return balloon
@@ -126,7 +153,7 @@ def _balloon_at(machine: SimMachine, path: str) -> SimBalloon | None:
 
 
 # --- qom-get / qom-set / qom-list ---------------------------------------------------------------
-def get(machine: SimMachine, path: str, prop: str) -> Any:
+def get(machine: MachineView, path: str, prop: str) -> Any:
     """qmp_qom_get for the balloon, its backend and the two buses."""
     balloon = _balloon_at(machine, path)
     if balloon is not None:
@@ -159,7 +186,7 @@ def _type_name(path: str) -> str:
     return "virtio-balloon-device" if path.endswith("/virtio-backend") else "virtio-balloon-pci"
 
 
-def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str) -> Any:
+def _balloon_get(machine: MachineView, balloon: SimBalloon, path: str, prop: str) -> Any:
     if prop == "guest-stats":
         return _guest_stats(machine, balloon)
     if prop == "guest-stats-polling-interval":
@@ -186,7 +213,7 @@ def _balloon_get(machine: SimMachine, balloon: SimBalloon, path: str, prop: str)
     return _pci_value(machine, balloon, listed[prop])
 
 
-def _pci_value(machine: SimMachine, balloon: SimBalloon, info: PropInfo) -> Scalar:
+def _pci_value(machine: MachineView, balloon: SimBalloon, info: PropInfo) -> Scalar:
     """What qom-get reads of a listed property the sim does not model: where the balloon
     sits decides ``addr``, ``busnr`` and ``disable-legacy``; the rest is QEMU's default or,
     where realize changes it, what the recording read (QemuProfile.live_values)."""
@@ -209,7 +236,7 @@ def _pci_value(machine: SimMachine, balloon: SimBalloon, info: PropInfo) -> Scal
     return ""  # an unset string or link reads as "" (qom/object.c)
 
 
-def _bus_get(machine: SimMachine, bus: str, prop: str) -> Any:
+def _bus_get(machine: MachineView, bus: str, prop: str) -> Any:
     if prop == "type":
         return "PCIE"
     if prop == "realized":
@@ -226,7 +253,7 @@ def _bus_get(machine: SimMachine, bus: str, prop: str) -> Any:
     raise CommandFailed(f"Property 'PCIE.{prop}' not found")
 
 
-def set_(machine: SimMachine, path: str, prop: str, value: object) -> None:
+def set_(machine: MachineView, path: str, prop: str, value: object) -> None:
     """qmp_qom_set: only the stats polling interval is writable in the sim."""
     balloon = _balloon_at(machine, path)
     if balloon is None:
@@ -237,7 +264,7 @@ def set_(machine: SimMachine, path: str, prop: str, value: object) -> None:
     balloon.set_poll_interval(poll_interval(value))
 
 
-def list_(machine: SimMachine, path: str) -> list[JsonObject]:
+def list_(machine: MachineView, path: str) -> list[JsonObject]:
     """qmp_qom_list: the properties balloonctl and QEMU users look at."""
     balloon = _balloon_at(machine, path)
     if balloon is not None:
@@ -268,7 +295,7 @@ def list_(machine: SimMachine, path: str) -> list[JsonObject]:
     raise _not_found(path)
 
 
-def _guest_stats(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
+def _guest_stats(machine: MachineView, balloon: SimBalloon) -> JsonObject:
     # balloon_stats_get_all: every name, -1 for what the guest did not send (the device
     # keeps u64 -1 and QEMU prints it signed).
     last_update, values = balloon.stats()
@@ -309,7 +336,7 @@ def _statuses(status: int) -> JsonObject:
     return {"statuses": [text for flag, text in _STATUS_NAMES if status & flag]}
 
 
-def virtio_status(machine: SimMachine, balloon: SimBalloon) -> JsonObject:
+def virtio_status(machine: MachineView, balloon: SimBalloon) -> JsonObject:
     """x-query-virtio-status on the balloon's backend."""
     device = balloon.device
     order = machine.qemu.transport_order
@@ -357,7 +384,7 @@ def _queue(balloon: SimBalloon, index: int) -> tuple[BalloonQueue, Any]:
     return role, balloon.device.queues[role]
 
 
-def queue_status(machine: SimMachine, balloon: SimBalloon, index: int) -> JsonObject:
+def queue_status(machine: MachineView, balloon: SimBalloon, index: int) -> JsonObject:
     """x-query-virtio-queue-status: where the rings are and how far each side got.
 
     ``vring-num-default`` is the size the device created the queue with (the QEMU
