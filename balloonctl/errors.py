@@ -8,6 +8,7 @@ The tree::
 
     BalloonError                    root; str(e) is a one-line message for a user
     +-- UsageError                  bad command-line input: a size, an address, a file (exit 2)
+    |   +-- ConfigError             the configuration file, naming the file and the key (exit 2)
     +-- GuestMemoryError            host-side access outside guest memory; a bug if it escapes
     |                               the device code, which checks bounds first
     +-- NegotiationError            the device refuses FEATURES_OK (spec 2.2.1, 3.1.1)
@@ -20,6 +21,9 @@ The tree::
     |                               ``vring dump`` may read (exit 1)
     +-- GuestModelError             the in-process guest cannot go on: its queue is full with
     |                               nothing to wait for, or the device never returned a buffer
+    +-- InvariantError              the testbed's guest model and device disagree about a page
+    +-- HostReadError               the daemon cannot use the host's /proc/meminfo (never
+    |                               reaches the command line: that tick decides nothing)
     +-- FuzzerFailed                a fuzzing tool (an atheris entry point, replay.py,
     |                               coverage.py) stopped without a result (exit 1)
     +-- VirtioError                 a guest broke the ring protocol; the device stops the
@@ -55,6 +59,16 @@ class BalloonError(Exception):
 
 class UsageError(BalloonError):
     """The user's input (an option, a size, a file) cannot be used as given."""
+
+
+class ConfigError(UsageError):
+    """The configuration file cannot be used as written (exit 2).
+
+    A UsageError because the file is the user's input like an option is: the same exit code,
+    and the message names the file and the key so it can be fixed without a traceback.
+    ``balloonctl.daemon.config`` raises it for the whole file, before anything is applied
+    (a corrupt config is never half-applied; docs/contracts.md).
+    """
 
 
 class GuestMemoryError(BalloonError):
@@ -108,6 +122,24 @@ class ReadLimitError(BalloonError):
 class GuestModelError(BalloonError):
     """The in-process guest model cannot go on (no descriptors and nothing in flight, or
     the device never returned what it was given)."""
+
+
+class InvariantError(BalloonError):
+    """Guest and device disagree about the balloon: a bug in one of them.
+
+    Raised by ``balloonctl.guest.testbed.Testbed.check`` between steps. Not a GuestModelError:
+    that one says the model cannot go on, this one that the model or the device is wrong,
+    and the fuzz harnesses must count it as a finding, never catch it as expected.
+    """
+
+
+class HostReadError(BalloonError):
+    """The host's memory state cannot be read (the tick decides nothing).
+
+    Not a PeerError: the host's /proc is no peer, and the daemon treats a bad reading
+    differently from a bad VM: it logs it and skips the tick's decisions for every VM,
+    rather than marking one VM down (docs/architecture.md, Error tree).
+    """
 
 
 class FuzzerFailed(BalloonError):

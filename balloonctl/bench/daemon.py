@@ -302,10 +302,10 @@ def _count_lines(path: str) -> int:
 
 def run(config: DaemonBenchConfig) -> dict[str, Any]:
     """Start the sim, run the daemon for warm-up + ``ticks`` ticks; the report."""
-    from balloonctl.daemon import loop as daemon  # noqa: PLC0415
+    from balloonctl.daemon.app import raise_fd_limit  # noqa: PLC0415
 
     _validate(config)
-    daemon.raise_fd_limit()  # one socket per VM, as `balloonctl daemon` does
+    raise_fd_limit()  # one socket per VM, as `balloonctl daemon` does
     tmp = tempfile.mkdtemp(prefix="balloonctl-bench-daemon-")
     proc: subprocess.Popen[bytes] | None = None
     try:

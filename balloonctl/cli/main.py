@@ -683,7 +683,9 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     """The auto-balloon daemon (or one tick of it)."""
     import asyncio  # noqa: PLC0415
 
-    from balloonctl.daemon import loop as daemon  # noqa: PLC0415
+    from balloonctl.cli.daemon_commands import decisions_json, render_decisions  # noqa: PLC0415
+    from balloonctl.daemon.app import run_daemon  # noqa: PLC0415
+    from balloonctl.daemon.loop import STOPPED  # noqa: PLC0415
 
     config = _config(args)
     if config.path is None:
@@ -693,14 +695,14 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("balloonctl.daemon").setLevel(logging.INFO)
     report = asyncio.run(
-        daemon.run_daemon(config, once=args.once, dry_run=args.dry_run, state_dir=args.state_dir)
+        run_daemon(config, once=args.once, dry_run=args.dry_run, state_dir=args.state_dir)
     )
     if args.once and report is not None:
-        if report.error == daemon.STOPPED:
+        if report.error == STOPPED:
             return 128 + signal.SIGTERM
         if report.plan is None:
             return EXIT_FAILED  # the tick logged why, in one line
-        _emit(args, daemon.decisions_json(report), daemon.render_decisions)
+        _emit(args, decisions_json(report), render_decisions)
         if report.managed and not report.answered:
             print("balloonctl: error: no VM answered", file=sys.stderr)
             return EXIT_FAILED

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 from balloonctl.backends.base import Backend, FeatureState, GuestStats
+from balloonctl.backends.open import open_backend
 from balloonctl.daemon.config import Config
 from balloonctl.errors import (
     BalloonError,
@@ -83,29 +84,13 @@ def libvirt_requested() -> bool:
     return bool(CONNECT_URI.get() or os.environ.get("LIBVIRT_DEFAULT_URI"))
 
 
-def open_vm(name: str, connect_timeout: float = 5.0) -> Backend:
-    """The backend for a VM name (DESIGN.md: a QMP socket address, or a libvirt domain).
+def open_vm(name: str) -> Backend:
+    """The backend for a VM name a user typed, on the ``-c`` URI if it names a libvirt domain.
 
-    libvirt is imported only here, when a domain is named, so ``status`` of a QMP socket
-    never pays for it.
+    :func:`balloonctl.backends.open.open_backend` guesses QMP or libvirt from the name's shape
+    (the rule shared with the daemon is written there); this adds only the CLI's URI.
     """
-    from balloonctl.backends.address import looks_like_qmp_address  # noqa: PLC0415
-
-    # libvirt domain names cannot contain "/": anything with one is a socket path, and a
-    # missing one is reported as such rather than looked up in libvirt.
-    if looks_like_qmp_address(name) or "/" in name:
-        from balloonctl.backends.qmp import QmpBackend  # noqa: PLC0415
-
-        return QmpBackend(name, connect_timeout=connect_timeout)
-    try:
-        from balloonctl.backends.libvirt import LibvirtBackend  # noqa: PLC0415
-    except ImportError as exc:
-        raise UsageError(
-            f"{name} is not a QMP socket, and libvirt domains need libvirt-python "
-            "(pip install 'balloonctl[libvirt]')"
-        ) from exc
-    # libvirtd may be restarting: give it longer than a QMP socket gets.
-    return LibvirtBackend(name, libvirt_uri(), connect_timeout=max(connect_timeout, 10.0))
+    return open_backend(name, libvirt_uri=libvirt_uri())
 
 
 # --- status ------------------------------------------------------------------------------
@@ -497,7 +482,9 @@ async def _probe(name: str, address: str) -> dict[str, Any]:
         "max_bytes": None,
     }
     try:
-        async with open_vm(address, connect_timeout=2.0) as backend:
+        # [[vm]] and --qmp-dir entries are QMP sockets whether or not they exist yet: a guess
+        # from the name would ask libvirt about a VM that is merely down.
+        async with open_backend(address, kind="qmp", connect_timeout=2.0) as backend:
             row["max_bytes"] = await backend.max_memory()
             row["actual_bytes"] = await backend.actual()
             row["state"] = "running"

@@ -9,8 +9,10 @@ It holds the VMs balloonctl manages (``[[vm]]``: ``list`` shows them, ``set`` ke
 floor, the daemon balances them) and the auto-balloon daemon's tables: ``[daemon]`` (tick,
 state directory, metrics endpoint), ``[host]`` (where host memory is read), ``[libvirt]``
 (domains to manage, with include/exclude globs and per-domain floors) and ``[policy]`` (the
-knobs of :mod:`balloonctl.daemon.policy`). Every default is in :data:`DEFAULTS` or on the
-dataclasses below, nowhere else; ``contrib/systemd/autoballoon.toml`` shows them all.
+knobs of :mod:`balloonctl.daemon.policy`). Every default is on the dataclasses below or on
+:class:`~balloonctl.daemon.policy.PolicyConfig`, nowhere else; ``contrib/systemd/autoballoon.toml``
+shows them all. The ``[policy]`` knobs' dataclass lives with the pure policy that reads them,
+so the policy imports no file I/O; this module only builds it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-from balloonctl.errors import UsageError
+from balloonctl.backends.address import parse_address
+from balloonctl.daemon.policy import PolicyConfig
+from balloonctl.errors import ConfigError, UsageError
 from balloonctl.units import parse_size
 
 DEFAULT_SHARES: Final = 1000
-
-
-class ConfigError(UsageError):
-    """The configuration file cannot be used as written (exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,49 +41,6 @@ class VmConfig:
     #: Floor: balloonctl never asks for less guest memory than this (bytes).
     min: int = 0
     shares: int = DEFAULT_SHARES
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    """``[policy]``: the auto-balloon policy's knobs (:mod:`balloonctl.daemon.policy` says how each
-    is used). Percentages are of the host's MemTotal (``host_*``) or of a guest's memory.
-
-    The defaults follow the anchors: oVirt MoM's 20 % host pressure and 5 % critical
-    thresholds and 20 % guest headroom, Proxmox's step cap of about 100 MiB per VM and
-    its deadband, ChromeOS concierge's 1 % deadband because every resize costs VM exits.
-    """
-
-    #: Host available below this % of MemTotal: the host is under pressure; guests give.
-    host_low: float = 20.0
-    #: Below this %: critical; guests give twice as fast, down to a smaller headroom.
-    host_critical: float = 5.0
-    #: Above this %: calm; guests may grow back, but only out of what lies above it.
-    host_high: float = 30.0
-    #: Host PSI ``some avg10`` (% of time stalled on memory) at which the host is under
-    #: pressure whatever MemAvailable says (0 turns PSI off).
-    psi_some_avg10: float = 10.0
-    #: A guest shrinks no further than used / (1 - headroom): this % of it stays available.
-    guest_headroom: float = 20.0
-    #: A guest with less than this % of its memory available is under its own pressure.
-    guest_low: float = 10.0
-    #: Extra headroom (percentage points) for a guest without deflate-on-OOM, which cannot
-    #: take memory back from its balloon when it runs out.
-    no_deflate_on_oom_headroom: float = 10.0
-    #: The most one VM's target moves in one tick (bytes) ...
-    max_step: int = 128 << 20
-    #: ... and at most this % of the VM's maximum.
-    max_step_percent: float = 5.0
-    #: Changes smaller than this (bytes) or than ``deadband_percent`` of the VM's memory
-    #: are not made.
-    deadband: int = 16 << 20
-    deadband_percent: float = 1.0
-    #: Statistics older than this (seconds) hold a VM where it is.
-    stale_after: float = 15.0
-    #: Ticks a shrink may take before the guest counts as unable to reach it.
-    settle_ticks: int = 3
-    #: Longest back-off (ticks) for a guest that could not reach its target; it doubles
-    #: from 2 on every failure.
-    backoff_max: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +239,6 @@ def _vm(where: str, entry: dict[str, Any]) -> VmConfig:
     if not isinstance(qmp, str) or not qmp or "\0" in qmp:
         raise ConfigError(f"{where}.qmp: required, a QMP socket path or unix:/tcp: address")
     if qmp.startswith(("unix:", "tcp:")):
-        from balloonctl.backends.address import parse_address  # noqa: PLC0415
-
         try:
             parse_address(qmp)
         except UsageError as exc:

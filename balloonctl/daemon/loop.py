@@ -1,59 +1,50 @@
-"""``balloonctl daemon``: the auto-balloon daemon's composition root and its loop.
+"""The auto-balloon daemon's loop: one :class:`Daemon`, ticking.
 
-Every tick it **collects** (the host's /proc/meminfo and PSI; each VM's statistics, and its
-size from ``BALLOON_CHANGE`` events with a query now and then to resync), **decides**
-(:func:`balloonctl.daemon.policy.decide`, pure) and **acts** (one ``set_target`` per VM whose target
-moves). Like tuned, one object graph is built here and the loop waits on an event, so
-SIGTERM is prompt and SIGHUP reloads; systemd daemonizes it (Type=notify), no fork, no PID
-file. Unlike oVirt MoM there is no thread per guest: one asyncio loop serves all of them,
-and a VM that hangs costs its own slot only, never the tick (each VM's collection runs as
-its own task, and the tick goes on without the ones not back by its deadline).
+Every tick it **collects** (the host's /proc/meminfo and PSI through
+:mod:`balloonctl.daemon.host`; each VM's statistics, and its size from ``BALLOON_CHANGE``
+events with a query now and then to resync, through its :class:`~balloonctl.daemon.link.Link`),
+**decides** (:func:`balloonctl.daemon.policy.decide`, pure) and **acts** (one ``set_target``
+per VM whose target moves). Like tuned's controller, the loop waits on an event, so SIGTERM
+is prompt and SIGHUP reloads; the object graph is put together by
+:mod:`balloonctl.daemon.app`, and systemd daemonizes it (Type=notify), no fork, no PID file.
+Unlike oVirt MoM there is no thread per guest: one asyncio loop serves all of them, and a
+VM that hangs costs its own slot only, never the tick (each VM's collection runs as its own
+task, and the tick goes on without the ones not back by its deadline).
 
 VMs come from ``[[vm]]`` (QMP sockets) and from ``[libvirt]`` (every running domain with a
 balloon, filtered by include/exclude globs, rescanned every ``RESCAN_S``). VMs appearing
-and vanishing are normal: a VM that cannot be reached is retried with exponential backoff
-(``RETRY_MIN_S`` doubling to ``RETRY_MAX_S``) and logged once when it goes and once when
-it comes back.
+and vanishing are normal: each Link retries its own with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import gc
 import logging
 import math
 import re
 import signal
 import time
-import zlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from balloonctl.backends.base import ActualWatch, Backend, GuestStats
-from balloonctl.daemon.config import Config, ConfigError, HostConfig
+from balloonctl.daemon.config import Config
 from balloonctl.daemon.config import load as load_config
-from balloonctl.daemon.policy import Decision, HostState, Plan, VmMemory, VmState, decide
+from balloonctl.daemon.host import read_host
+from balloonctl.daemon.link import FULL_RESYNC_TICKS, BackendFactory, Link, backend_for, members
+from balloonctl.daemon.metrics import Metrics
+from balloonctl.daemon.policy import Decision, HostState, Plan, VmMemory, decide
 from balloonctl.daemon.sdnotify import Notifier
 from balloonctl.daemon.statestore import StateStore, default_dir
-from balloonctl.errors import BalloonError, UsageError
+from balloonctl.errors import BalloonError, ConfigError, HostReadError, UsageError
 from balloonctl.units import format_size
 
 log = logging.getLogger(__name__)
 
-#: The daemon's mechanics (not policy: these are not knobs anybody should need to turn).
-#: Ticks between re-reads of a VM's size (events keep it current in between; the re-read
-#: catches a missed event), and of its maximum, features and stats period as well (a
-#: hot-plugged DIMM, a renegotiated balloon, polling someone turned off). Each is a QMP
-#: command per VM: at 1000 VMs every resync of everything each 30 ticks cost ~130 extra
-#: commands a tick (measured), so the full one is rarer.
-RESYNC_TICKS: Final = 30
-FULL_RESYNC_TICKS: Final = 300
-#: Reconnect backoff for a VM that cannot be reached.
-RETRY_MIN_S: Final = 1.0
-RETRY_MAX_S: Final = 60.0
+#: The daemon's mechanics (not policy: these are not knobs anybody should need to turn); the
+#: per-VM ones (resync, reconnect backoff) are in :mod:`balloonctl.daemon.link`.
 #: How often libvirt is asked for its running domains.
 RESCAN_S: Final = 10.0
 #: Connection attempts in flight at once.
@@ -96,326 +87,6 @@ class _GcTuning:
 STOPPED: Final = "stopped by a signal"
 
 
-class HostReadError(BalloonError):
-    """The host's memory state cannot be read (the tick decides nothing)."""
-
-
-# --------------------------------------------------------------------------------------------
-# The host
-# --------------------------------------------------------------------------------------------
-
-
-def parse_meminfo(text: str) -> tuple[int, int]:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo's text (proc(5): kB units)."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and key in ("MemTotal", "MemAvailable"):
-            number = rest.split()
-            # isdigit() alone takes "²" (int() then raises ValueError) and "٣" (int() reads 3).
-            if not number or not (number[0].isascii() and number[0].isdigit()):
-                raise HostReadError(f"meminfo: {key} is not a number: {rest.strip()!r}")
-            values[key] = int(number[0]) * 1024
-    for key in ("MemTotal", "MemAvailable"):
-        if key not in values:
-            raise HostReadError(f"meminfo: no {key} line (Linux 3.14 or later has it)")
-    total, available = values["MemTotal"], values["MemAvailable"]
-    if total <= 0 or available > total:
-        raise HostReadError(f"meminfo: MemAvailable {available} with MemTotal {total}")
-    return total, available
-
-
-def parse_psi(text: str) -> float | None:
-    """``some avg10`` from /proc/pressure/memory (Documentation/accounting/psi.rst)."""
-    for line in text.splitlines():
-        fields = line.split()
-        if fields and fields[0] == "some":
-            for field in fields[1:]:
-                key, _, value = field.partition("=")
-                if key == "avg10":
-                    try:
-                        number = float(value)
-                    except ValueError:
-                        return None
-                    return number if 0.0 <= number <= 100.0 else None
-    return None
-
-
-def read_host(cfg: HostConfig) -> HostState:
-    """The host's memory now; PSI is optional (no file, no PSI)."""
-    try:
-        with open(cfg.meminfo, encoding="ascii", errors="replace") as fh:
-            total, available = parse_meminfo(fh.read(65536))
-    except OSError as exc:
-        raise HostReadError(f"cannot read {cfg.meminfo}: {exc.strerror or exc}") from exc
-    psi: float | None = None
-    try:
-        with open(cfg.psi, encoding="ascii", errors="replace") as fh:
-            psi = parse_psi(fh.read(4096))
-    except OSError:
-        psi = None  # no PSI on this kernel (or it is disabled): MemAvailable alone decides
-    return HostState(total, available, psi)
-
-
-# --------------------------------------------------------------------------------------------
-# The VMs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """A VM to manage and how to reach it."""
-
-    name: str
-    floor: int
-    shares: int
-    #: A QMP socket address, or a libvirt domain name when ``uri`` is set.
-    address: str
-    uri: str | None = None
-
-
-def members(config: Config, domains: Iterable[str]) -> list[Member]:
-    """The VMs ``config`` manages: its ``[[vm]]``s, then the libvirt ``domains`` that pass
-    the include/exclude globs (a domain named like a ``[[vm]]`` is left to the ``[[vm]]``:
-    names key the state files and the log, so they must be unique)."""
-    out = [Member(vm.name, vm.min, vm.shares, vm.qmp) for vm in config.vms]
-    names = {m.name for m in out}
-    lv = config.libvirt
-    if lv is not None:
-        for domain in sorted(domains):
-            if domain in names:
-                continue
-            if not any(fnmatch.fnmatchcase(domain, g) for g in lv.include):
-                continue
-            if any(fnmatch.fnmatchcase(domain, g) for g in lv.exclude):
-                continue
-            entry = lv.domain(domain)
-            out.append(Member(domain, entry.min, entry.shares, domain, lv.uri))
-    return out
-
-
-BackendFactory = Callable[[Member, Config], Backend]
-
-
-def open_backend(member: Member, config: Config) -> Backend:
-    """A backend for ``member``; libvirt is imported only for domains."""
-    timeouts = {
-        "connect_timeout": config.daemon.connect_timeout,
-        "command_timeout": config.daemon.command_timeout,
-    }
-    if member.uri is None:
-        from balloonctl.backends.qmp import QmpBackend  # noqa: PLC0415
-
-        return QmpBackend(member.address, **timeouts)
-    from balloonctl.backends.libvirt import LibvirtBackend  # noqa: PLC0415
-
-    return LibvirtBackend(member.address, member.uri, **timeouts)
-
-
-class Link:
-    """One managed VM: its connection, what the daemon knows of it, and its policy memory."""
-
-    def __init__(self, member: Member, memory: VmMemory) -> None:
-        self.member = member
-        self.memory = memory
-        self.backend: Backend | None = None
-        self.up = False
-        #: Consecutive failed collections (the reconnect backoff doubles with each).
-        self.connect_failures = 0
-        self.next_attempt = 0.0
-        self.down_reason: str | None = None
-        self.maximum = 0
-        self.deflate_on_oom = False
-        self.actual: int | None = None
-        self.stats: GuestStats | None = None
-        #: Whether the guest's stats are polled (None: not known yet).
-        self.polling: bool | None = None
-        #: Resyncs fall on ticks where (tick + offset) is a multiple of RESYNC_TICKS (or
-        #: FULL_RESYNC_TICKS): those of many VMs spread over the ticks, not all on one.
-        self.resync_offset = zlib.crc32(member.name.encode()) % FULL_RESYNC_TICKS
-        self.resync_due = True
-        #: BALLOON_CHANGE sizes, read once a tick (ActualWatch.latest): a task per VM woken
-        #: by every event cost 27-48 us an event (measured), hundreds a tick at 1000 VMs.
-        self.watch: ActualWatch | None = None
-        self._watch_scope: contextlib.AsyncExitStack | None = None
-        #: The watch ended (connection lost, a malformed event): reopened at the next tick.
-        self._watch_ended = False
-        #: The collection in progress (a VM that hangs keeps its own task, not the tick).
-        self.busy: asyncio.Task[bool] | None = None
-        self.last_reason_kind = ""
-
-    @property
-    def name(self) -> str:
-        """The VM's name in logs, state and decisions."""
-        return self.member.name
-
-    def state(self, now_wall: float) -> VmState:
-        """What the policy needs, as of this tick."""
-        assert self.actual is not None
-        stats = self.stats
-        usable = stats is not None and stats.last_update > 0
-        return VmState(
-            name=self.name,
-            actual=self.actual,
-            maximum=self.maximum,
-            floor=self.member.floor,
-            shares=self.member.shares,
-            stats=stats.stats if usable and stats is not None else None,
-            stats_age=now_wall - stats.last_update if usable and stats is not None else math.inf,
-            deflate_on_oom=self.deflate_on_oom,
-            memory=self.memory,
-            polling_off=self.polling is False,
-        )
-
-    async def collect(
-        self,
-        factory: BackendFactory,
-        config: Config,
-        tick: int,
-        *,
-        dry_run: bool,
-        connecting: asyncio.Semaphore,
-    ) -> bool:
-        """Connect if need be, then read the statistics (and resync the size now and then).
-
-        False when the VM cannot be reached now (it is retried later, with backoff).
-        """
-        now = time.monotonic()
-        if not self.up and now < self.next_attempt:
-            return False
-        try:
-            if not self.up:
-                async with connecting:
-                    await self._connect(factory, config)
-            backend = self.backend
-            assert backend is not None
-            await self._follow(backend)  # before the size is read: no change is missed
-            phase = tick + self.resync_offset
-            if self.resync_due or phase % FULL_RESYNC_TICKS == 0:
-                await self._resync(backend)
-                await self._ensure_polling(backend, config, dry_run=dry_run)
-            elif phase % RESYNC_TICKS == 0:
-                self.actual = await backend.actual()
-            self.stats = await backend.stats() if self.polling else None
-        except BalloonError as exc:
-            await self._down(str(exc))
-            return False
-        if self.down_reason is not None:
-            log.info("%s: reachable again", self.name)
-            self.down_reason = None
-        self.connect_failures = 0
-        return True
-
-    async def _connect(self, factory: BackendFactory, config: Config) -> None:
-        backend = factory(self.member, config)
-        self.backend = backend
-        await backend.__aenter__()
-        self.up = True
-
-    async def _ensure_polling(self, backend: Backend, config: Config, *, dry_run: bool) -> None:
-        """Stats polling at the tick's pace: on connect, and on every resync, since a VM
-        restarted behind the same socket (or someone with ``balloonctl stats``) may have
-        turned it off."""
-        period = max(1, math.ceil(config.daemon.interval))
-        current = await backend.stats_period()
-        # Faster than the tick is fine (someone else wants it); slower or off is not.
-        if not dry_run and (current == 0 or current > period):
-            await backend.set_stats_period(period)
-            current = period
-        if dry_run and current == 0 and self.polling is not False:
-            log.info("%s: stats polling is off; --dry-run does not turn it on", self.name)
-        self.polling = current > 0
-
-    async def _resync(self, backend: Backend) -> None:
-        self.maximum = await backend.max_memory()
-        self.actual = await backend.actual()
-        features = await backend.features()
-        self.deflate_on_oom = "deflate-on-oom" in features.acked
-        self.resync_due = False
-
-    def refresh_actual(self) -> bool:
-        """Take the size from the newest BALLOON_CHANGE, if one came since the last look.
-
-        Each tick does it first; the bench's fake host and the demo between ticks. False if
-        no watch is running (the next tick opens one and re-reads the size).
-        """
-        watch = self.watch
-        if watch is None or self._watch_ended:
-            return False
-        try:
-            actual = watch.latest()
-        except BalloonError as exc:
-            log.debug("%s: event watch ended: %s", self.name, exc)
-            self._watch_ended = True
-            return False
-        if actual is not None:
-            self.actual = actual
-        return True
-
-    async def _follow(self, backend: Backend) -> None:
-        """The size from the newest BALLOON_CHANGE since the last tick; the watch (re)opened
-        if it is not running. A watch that ended, or could not start, may have missed
-        events: the size is re-read (resync) this tick."""
-        if self.refresh_actual():
-            return
-        await self._close_watch()
-        scope = contextlib.AsyncExitStack()
-        try:
-            self.watch = await scope.enter_async_context(backend.watch_actual())
-        except BalloonError as exc:
-            log.debug("%s: cannot watch BALLOON_CHANGE: %s", self.name, exc)
-        else:
-            self._watch_scope = scope
-        self.resync_due = True
-
-    async def _close_watch(self) -> None:
-        scope, self._watch_scope = self._watch_scope, None
-        self.watch = None
-        self._watch_ended = False
-        if scope is not None:
-            with contextlib.suppress(BalloonError):
-                await scope.aclose()
-
-    async def _down(self, reason: str) -> None:
-        if self.down_reason is None:
-            log.warning("%s: %s", self.name, reason)
-        self.down_reason = reason
-        self.connect_failures += 1
-        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (self.connect_failures - 1))
-        self.next_attempt = time.monotonic() + delay
-        await self.close()
-
-    async def close(self) -> None:
-        """Hang up (the VM is gone, unmanaged now, or the daemon stops)."""
-        self.up = False
-        await self._close_watch()
-        backend, self.backend = self.backend, None
-        if backend is not None:
-            with contextlib.suppress(BalloonError):
-                await backend.__aexit__(None, None, None)
-        self.actual = None
-        self.stats = None
-        self.resync_due = True
-
-    async def act(self, decision: Decision) -> bool:
-        """Set the decided target. False if it was refused or the VM is gone."""
-        backend = self.backend
-        if backend is None:
-            return False
-        try:
-            await backend.set_target(decision.target)
-        except BalloonError as exc:
-            # One line: _down logs it (a VM that answered this tick is not down yet).
-            await self._down(f"setting {format_size(decision.target)} failed: {exc}")
-            return False
-        return True
-
-
-# --------------------------------------------------------------------------------------------
-# The daemon
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class TickReport:
     """What one tick did (for ``--once``, the bench and the tests)."""
@@ -443,7 +114,12 @@ def _reason_kind(reason: str) -> str:
 
 
 class Daemon:
-    """The composition root: config, VMs, policy, state, notify and metrics, one loop."""
+    """The controller: the managed VMs' links, the tick, signals and reloads, one loop.
+
+    Its defaults (the real backends, the state directory, systemd's notify socket) are the
+    daemon's own; :mod:`balloonctl.daemon.app` builds the one ``balloonctl daemon`` runs,
+    and tests, the bench and the demo build theirs with fakes in place of the defaults.
+    """
 
     def __init__(
         self,
@@ -451,7 +127,7 @@ class Daemon:
         *,
         dry_run: bool = False,
         state_dir: str | None = None,
-        factory: BackendFactory = open_backend,
+        factory: BackendFactory = backend_for,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
@@ -467,7 +143,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._reload = False
-        self.metrics: Any = None
+        self.metrics: Metrics | None = None
         self._signals: list[int] = []
         #: Connection attempts at once: 2000 unreachable VMs retried together starved the
         #: loop (a core for seconds, connects cancelled by their own timeouts; measured).
@@ -490,8 +166,6 @@ class Daemon:
                 ) from exc
             self.tick_no = self.store.load_tick()
         if self.config.daemon.metrics is not None:
-            from balloonctl.daemon.metrics import Metrics  # noqa: PLC0415
-
             self.metrics = Metrics(self.config.daemon.metrics)
         _GcTuning.acquire()
         self._gc_tuned = True
@@ -657,6 +331,8 @@ class Daemon:
         if lv is not None and time.monotonic() >= self._rescan_at:
             self._rescan_at = time.monotonic() + RESCAN_S
             try:
+                # Here, not at the top: libvirt-python is optional, and a daemon of [[vm]]s
+                # only never loads it (its absence is the ImportError below).
                 from balloonctl.backends.libvirt import list_balloon_domains  # noqa: PLC0415
 
                 rows = await list_balloon_domains(
@@ -773,7 +449,7 @@ class Daemon:
                 try:
                     link.stats = await link.backend.stats()
                 except BalloonError as exc:
-                    await link._down(str(exc))
+                    await link.mark_down(str(exc))
 
         await asyncio.gather(*(one(link) for link in links))
 
@@ -836,72 +512,3 @@ class Daemon:
             f"tick {report.tick}: {report.answered}/{report.managed} VMs answering; "
             f"{report.plan.host_reason} ({report.plan.mode.value}); {report.sent} moved"
         )
-
-
-def decisions_json(report: TickReport) -> dict[str, Any]:
-    """``--json --once``: ``{"decisions": [{vm, current_bytes, target_bytes, reason}], "host"}``."""
-    plan = report.plan
-    out: dict[str, Any] = {
-        "decisions": [
-            {
-                "vm": d.vm,
-                "current_bytes": d.current,
-                "target_bytes": d.target,
-                "reason": d.reason,
-            }
-            for d in (plan.decisions if plan is not None else ())
-        ]
-    }
-    host = report.host
-    out["host"] = (
-        None
-        if host is None or plan is None
-        else {
-            "mode": plan.mode.value,
-            "total_bytes": host.total,
-            "available_bytes": host.available,
-            "psi_some_avg10": host.psi_some_avg10,
-        }
-    )
-    return out
-
-
-def render_decisions(data: dict[str, Any]) -> str:
-    """``--once`` without ``--json``: one line per VM."""
-    lines = []
-    host = data.get("host")
-    if host is not None:
-        lines.append(
-            f"host: {host['mode']}, {format_size(host['available_bytes'])} of "
-            f"{format_size(host['total_bytes'])} available"
-        )
-    width = max((len(d["vm"]) for d in data["decisions"]), default=2)
-    for d in data["decisions"]:
-        lines.append(
-            f"{d['vm']:<{width}}  {format_size(d['current_bytes']):>10} -> "
-            f"{format_size(d['target_bytes']):>10}  {d['reason']}"
-        )
-    if not data["decisions"]:
-        lines.append("no VM answered")
-    return "\n".join(lines) + "\n"
-
-
-async def run_daemon(
-    config: Config, *, once: bool, dry_run: bool, state_dir: str | None = None
-) -> TickReport | None:
-    """The CLI's entry: build the daemon, handle signals, tick."""
-    raise_fd_limit()
-    async with Daemon(config, dry_run=dry_run, state_dir=state_dir) as daemon:
-        daemon.install_signals()
-        return await daemon.run(once=once)
-
-
-def raise_fd_limit() -> None:
-    """One socket per VM: lift the soft RLIMIT_NOFILE to the hard one (systemd's default
-    soft limit is 1024, which 1000 VMs would hit)."""
-    import resource  # noqa: PLC0415
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

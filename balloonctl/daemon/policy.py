@@ -1,9 +1,11 @@
 """The auto-balloon policy: from the host's and the guests' memory to a target per VM, with why.
 
-Pure: no I/O, no clock, no asyncio (DESIGN.md). The daemon collects a :class:`HostState` and a
-:class:`VmState` per VM, calls :func:`decide` once per tick, and acts on what comes back; it
-also keeps each VM's :class:`VmMemory` (what the policy remembers between ticks) and hands it
-back next tick, across restarts too. The knobs are :class:`~balloonctl.daemon.config.PolicyConfig`.
+Pure: no I/O, no clock, no asyncio (docs/contracts.md). The daemon collects a
+:class:`HostState` and a :class:`VmState` per VM, calls :func:`decide` once per tick, and acts
+on what comes back; it also keeps each VM's :class:`VmMemory` (what the policy remembers
+between ticks) and hands it back next tick, across restarts too. The knobs are
+:class:`PolicyConfig`, defined here rather than beside the TOML parser
+(:mod:`balloonctl.daemon.config` builds it) so that this module imports nothing that does I/O.
 
 What it does, and what it learned from the anchors:
 
@@ -46,10 +48,52 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Final
 
-from balloonctl.daemon.config import PolicyConfig
 from balloonctl.units import format_size
 
 _MIB: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """``[policy]``: the auto-balloon policy's knobs (this module's docstring says how each is
+    used). Percentages are of the host's MemTotal (``host_*``) or of a guest's memory.
+
+    The defaults follow the anchors: oVirt MoM's 20 % host pressure and 5 % critical
+    thresholds and 20 % guest headroom, Proxmox's step cap of about 100 MiB per VM and
+    its deadband, ChromeOS concierge's 1 % deadband because every resize costs VM exits.
+    """
+
+    #: Host available below this % of MemTotal: the host is under pressure; guests give.
+    host_low: float = 20.0
+    #: Below this %: critical; guests give twice as fast, down to a smaller headroom.
+    host_critical: float = 5.0
+    #: Above this %: calm; guests may grow back, but only out of what lies above it.
+    host_high: float = 30.0
+    #: Host PSI ``some avg10`` (% of time stalled on memory) at which the host is under
+    #: pressure whatever MemAvailable says (0 turns PSI off).
+    psi_some_avg10: float = 10.0
+    #: A guest shrinks no further than used / (1 - headroom): this % of it stays available.
+    guest_headroom: float = 20.0
+    #: A guest with less than this % of its memory available is under its own pressure.
+    guest_low: float = 10.0
+    #: Extra headroom (percentage points) for a guest without deflate-on-OOM, which cannot
+    #: take memory back from its balloon when it runs out.
+    no_deflate_on_oom_headroom: float = 10.0
+    #: The most one VM's target moves in one tick (bytes) ...
+    max_step: int = 128 << 20
+    #: ... and at most this % of the VM's maximum.
+    max_step_percent: float = 5.0
+    #: Changes smaller than this (bytes) or than ``deadband_percent`` of the VM's memory
+    #: are not made.
+    deadband: int = 16 << 20
+    deadband_percent: float = 1.0
+    #: Statistics older than this (seconds) hold a VM where it is.
+    stale_after: float = 15.0
+    #: Ticks a shrink may take before the guest counts as unable to reach it.
+    settle_ticks: int = 3
+    #: Longest back-off (ticks) for a guest that could not reach its target; it doubles
+    #: from 2 on every failure.
+    backoff_max: int = 64
 
 
 class HostMode(Enum):

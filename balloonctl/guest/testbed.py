@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from balloonctl.errors import BalloonError
+from balloonctl.errors import InvariantError
 from balloonctl.guest.allocator import GuestAllocator, PageState
 from balloonctl.guest.driver import BalloonDriver
 from balloonctl.units import PAGE_SHIFT
@@ -20,10 +20,6 @@ from balloonctl.virtio.features import Profile, get_profile
 from balloonctl.virtio.memory import Backing, GuestMemory
 from balloonctl.virtio.mock import RingLayout
 from balloonctl.virtio.spec import BalloonQueue
-
-
-class InvariantError(BalloonError):
-    """Guest and device disagree about the balloon: a bug in one of them."""
 
 
 @dataclass(frozen=True)

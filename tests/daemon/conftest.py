@@ -28,7 +28,8 @@ import pytest
 
 from balloonctl.backends.base import GuestStats
 from balloonctl.backends.qmp import QmpBackend
-from balloonctl.daemon.loop import Daemon, Link, TickReport
+from balloonctl.daemon.link import Link
+from balloonctl.daemon.loop import Daemon, TickReport
 from tests.cli.conftest import RawQmpClient, balloonctl_argv, cli_env, stop_process
 
 MiB: Final = 1 << 20

@@ -12,15 +12,14 @@ import pytest
 from balloonctl.daemon.config import (
     DEFAULT_SHARES,
     Config,
-    ConfigError,
     DaemonConfig,
     DomainConfig,
     HostConfig,
     LibvirtConfig,
-    PolicyConfig,
     load,
 )
-from balloonctl.errors import UsageError
+from balloonctl.daemon.policy import PolicyConfig
+from balloonctl.errors import ConfigError, UsageError
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from balloonctl.daemon.config import PolicyConfig
 from balloonctl.daemon.policy import (
     HostMode,
     HostState,
     Plan,
+    PolicyConfig,
     VmMemory,
     VmState,
     decide,

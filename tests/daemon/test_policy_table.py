@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from balloonctl.daemon.config import PolicyConfig
 from balloonctl.daemon.policy import (
     Decision,
     HostMode,
     HostState,
     Plan,
+    PolicyConfig,
     VmMemory,
     VmState,
     decide,

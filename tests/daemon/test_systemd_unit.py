@@ -27,10 +27,10 @@ from balloonctl.daemon.config import (
     DomainConfig,
     HostConfig,
     LibvirtConfig,
-    PolicyConfig,
     VmConfig,
     load,
 )
+from balloonctl.daemon.policy import PolicyConfig
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 UNIT = CONTRIB / "balloonctl-autoballoon.service"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from balloonctl.daemon.config import ConfigError
 from balloonctl.daemon.config import load as load_config
+from balloonctl.errors import ConfigError
 from tests.backends.hostile_peer import FakeQemu, HostilePeer
 from tests.cli.conftest import balloonctl_argv, cli_env, one_line_error, run_cli
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from balloonctl.daemon.config import HostConfig
-from balloonctl.daemon.loop import HostReadError, parse_meminfo, parse_psi, read_host
+from balloonctl.daemon.host import parse_meminfo, parse_psi, read_host
 from balloonctl.daemon.policy import HostState
-from balloonctl.errors import BalloonError
+from balloonctl.errors import BalloonError, HostReadError
 
 #: The head of a real /proc/meminfo (Linux 6.1).
 MEMINFO = """\
