@@ -8,6 +8,7 @@ sorted lists, or the list of regions the test itself laid out.
 from __future__ import annotations
 
 import itertools
+import json
 import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,13 @@ from balloonctl.virtio import queue as queue_module
 from balloonctl.virtio import spec
 from balloonctl.virtio.balloon import BalloonDevice, DiscardStrategy
 from balloonctl.virtio.features import SEED_SG, VIRTIO_1_2, Profile
-from balloonctl.virtio.inspect import Decode, RingParams, parse_ring
+from balloonctl.virtio.inspect import (
+    Decode,
+    RingParams,
+    _ranges_json,
+    parse_ring,
+    render_ring_json,
+)
 from balloonctl.virtio.memory import Backing, DiscardResult, GuestMemory, Region
 from balloonctl.virtio.mock import (
     Buffer,
@@ -781,10 +788,6 @@ def test_classify_runs_matches_classify(
 @settings(max_examples=200, deadline=None)
 @given(mutated_rings(), st.sampled_from(list(Decode)))
 def test_render_ring_json_equals_parse_ring(case: RingCase, decode: Decode) -> None:
-    import json  # noqa: PLC0415
-
-    from balloonctl.virtio.inspect import render_ring_json  # noqa: PLC0415
-
     with GuestMemory.from_image(bytes(case.image), base=case.base) as mem:
         params = RingParams(case.size, case.desc, case.avail, case.used, case.last_avail)
         text, finding = render_ring_json(mem, params, decode)
@@ -794,8 +797,6 @@ def test_render_ring_json_equals_parse_ring(case: RingCase, decode: Decode) -> N
 
 
 def test_render_ranges_json_edge_values() -> None:
-    from balloonctl.virtio.inspect import _ranges_json  # noqa: PLC0415
-
     arrays = [
         np.empty((0, 2), dtype=np.int64),
         np.array([[0, 1], [9, 10], [99, 100], [2**52 - 1, 123456789]], dtype=np.int64),
@@ -821,10 +822,6 @@ def test_render_ranges_json_edge_values() -> None:
     )
 )
 def test_render_ranges_json_matches_json_module(chains: list[list[tuple[int, int]]]) -> None:
-    import json  # noqa: PLC0415
-
-    from balloonctl.virtio.inspect import _ranges_json  # noqa: PLC0415
-
     arrays = [np.asarray(c, dtype=np.int64).reshape(-1, 2) for c in chains]
     expected = [json.dumps([list(r) for r in c], separators=(",", ":")) for c in chains]
     assert _ranges_json(arrays) == expected
