@@ -511,7 +511,7 @@ def _install(root: Path, install: ReadmeInstall) -> None:
     # The machine must run this checkout's daemon, not a stale install.
     installed = sorted((root / "opt/balloonctl/lib").glob("python3*/site-packages/balloonctl"))
     assert installed, f"no balloonctl package under {root}/opt/balloonctl"
-    for rel in ("daemon.py", "sdnotify.py"):
+    for rel in ("daemon/loop.py", "daemon/link.py", "daemon/sdnotify.py"):
         assert (installed[0] / rel).read_bytes() == (REPO / "balloonctl" / rel).read_bytes(), (
             f"{installed[0] / rel} is not this checkout's"
         )
