@@ -175,6 +175,10 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except ValueError as exc:
+        # tomllib turns an integer literal of over 4300 digits into a plain ValueError
+        # (Python's int_max_str_digits limit), not a TOMLDecodeError.
+        raise ConfigError(f"{path}: not valid TOML: a number too long to read") from exc
     return _parse(path, data)
 
 

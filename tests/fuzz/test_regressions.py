@@ -9,7 +9,8 @@ import pytest
 
 from balloonctl.backends.address import parse_address
 from balloonctl.backends.libvirt import normalize_stats, stats_period_of
-from balloonctl.errors import PeerError, UsageError
+from balloonctl.daemon.config import load as load_config
+from balloonctl.errors import ConfigError, PeerError, UsageError
 from balloonctl.units import parse_size
 from fuzz.harness import TARGETS
 
@@ -61,3 +62,13 @@ def test_qmp_port_unicode_digit() -> None:
     with pytest.raises(UsageError):
         parse_address("tcp:host:" + "1" * 5000)
     assert parse_address("tcp:[::1]:4444").port == 4444
+
+
+def test_config_toml_integer_long_digits(tmp_path: Path) -> None:
+    # `qmp=999...` (4300+ digits) in a config file: tomllib raised a plain ValueError (int's
+    # digit limit), not TOMLDecodeError, out of config.load and so out of the CLI and daemon.
+    _replay("config", "regression-toml-int-long-digits")
+    path = tmp_path / "config.toml"
+    path.write_text("[[vm]]\nqmp=" + "9" * 4390 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML: a number too long to read"):
+        load_config(str(path))
