@@ -61,8 +61,9 @@ from balloonctl.virtio import spec
 from balloonctl.virtio.balloon import BalloonDevice, DiscardStrategy, RequestResult
 from balloonctl.virtio.features import PROFILES, negotiate
 from balloonctl.virtio.inspect import Decode, RingParams, parse_ring, render_ring_json
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import Backing, DiscardResult, GuestMemory, Region
-from balloonctl.virtio.mock import BumpAllocator, MockDriverQueue, RingLayout
+from balloonctl.virtio.mock import BumpAllocator, MockDriverQueue
 from balloonctl.virtio.pages import DUPLICATE, NOT_IN_BALLOON, OUT_OF_RAM, expand_ranges
 from balloonctl.virtio.queue import Chain, SplitQueue
 from balloonctl.virtio.requests import STATS_BYTES_MAX

@@ -30,8 +30,9 @@ import numpy as np
 from balloonctl.errors import UsageError
 from balloonctl.units import PAGE_SHIFT, format_size
 from balloonctl.virtio import spec
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import Backing, GuestMemory
-from balloonctl.virtio.mock import BumpAllocator, MockDriverQueue, RingLayout
+from balloonctl.virtio.mock import BumpAllocator, MockDriverQueue
 from balloonctl.virtio.pages import PfnArray, RamMap, compact
 from balloonctl.virtio.queue import SplitQueue
 from balloonctl.virtio.requests import RequestForm, gather

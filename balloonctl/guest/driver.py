@@ -43,8 +43,8 @@ from balloonctl.guest.vring import DriverQueue, OpenChain
 from balloonctl.units import PAGE_SHIFT, PAGE_SIZE
 from balloonctl.virtio import spec
 from balloonctl.virtio.features import Profile, negotiate, queue_layout
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import GuestMemory
-from balloonctl.virtio.mock import RingLayout
 from balloonctl.virtio.pages import RangeArray, expand_ranges
 from balloonctl.virtio.spec import BalloonQueue, StatTag
 

@@ -17,8 +17,8 @@ from balloonctl.guest.driver import BalloonDriver
 from balloonctl.units import PAGE_SHIFT
 from balloonctl.virtio.balloon import BalloonDevice, DiscardStrategy
 from balloonctl.virtio.features import Profile, get_profile
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import Backing, GuestMemory
-from balloonctl.virtio.mock import RingLayout
 from balloonctl.virtio.spec import BalloonQueue
 
 

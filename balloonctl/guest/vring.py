@@ -22,8 +22,8 @@ import numpy as np
 
 from balloonctl.errors import GuestModelError
 from balloonctl.virtio import spec
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import GuestMemory
-from balloonctl.virtio.mock import RingLayout
 
 #: (guest-physical address, length)
 Segment = tuple[int, int]

@@ -31,7 +31,7 @@ from balloonctl.sim.guest import SimGuest
 from balloonctl.units import PAGE_SHIFT
 from balloonctl.virtio.balloon import BalloonDevice
 from balloonctl.virtio.features import Profile
-from balloonctl.virtio.mock import RingLayout
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.spec import BalloonQueue
 
 log = logging.getLogger(__name__)

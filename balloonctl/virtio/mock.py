@@ -7,8 +7,8 @@ of docs/vring-parse.md ("Hostile-guest input classes") is produced. The full dri
 the seed (free-list management, queue-full behaviour, ``tell_host_sgs``) is
 ``balloonctl.guest``; this is the bare minimum.
 
-:class:`RingLayout` is production code and lives in :mod:`balloonctl.virtio.layout`; it is
-imported here so that ``from balloonctl.virtio.mock import RingLayout`` keeps working.
+:class:`RingLayout` is production code (the parser, the guest model and the simulator use it)
+and lives in :mod:`balloonctl.virtio.layout`, not here.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ __all__ = [
     "BumpAllocator",
     "MockDriverQueue",
     "RawDescriptor",
-    "RingLayout",
-    "align_up",
     "pfn_array",
     "stats_buffer",
 ]

@@ -15,8 +15,9 @@ import pytest
 from balloonctl.cli.main import main
 from balloonctl.units import PAGE_SIZE
 from balloonctl.virtio import spec
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import GuestMemory
-from balloonctl.virtio.mock import MockDriverQueue, RingLayout, pfn_array, stats_buffer
+from balloonctl.virtio.mock import MockDriverQueue, pfn_array, stats_buffer
 
 NEXT = spec.VIRTQ_DESC_F_NEXT
 WRITE = spec.VIRTQ_DESC_F_WRITE

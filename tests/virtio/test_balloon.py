@@ -14,11 +14,11 @@ from balloonctl.units import PAGE_SIZE
 from balloonctl.virtio import spec
 from balloonctl.virtio.balloon import BalloonDevice, DiscardStrategy
 from balloonctl.virtio.features import SEED_SG, VIRTIO_1_2, Profile
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import Backing, GuestMemory
 from balloonctl.virtio.mock import (
     BumpAllocator,
     MockDriverQueue,
-    RingLayout,
     pfn_array,
     stats_buffer,
 )

@@ -32,12 +32,12 @@ from balloonctl.virtio.inspect import (
     parse_ring,
     render_ring_json,
 )
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import Backing, DiscardResult, GuestMemory, Region
 from balloonctl.virtio.mock import (
     Buffer,
     BumpAllocator,
     MockDriverQueue,
-    RingLayout,
     pfn_array,
 )
 from balloonctl.virtio.pages import (

@@ -9,10 +9,11 @@ import pytest
 
 from balloonctl import errors
 from balloonctl.virtio import spec
+from balloonctl.virtio.layout import RingLayout
 from balloonctl.virtio.memory import Backing, GuestMemory
-from balloonctl.virtio.mock import MockDriverQueue, RingLayout
+from balloonctl.virtio.mock import MockDriverQueue
 from balloonctl.virtio.queue import SplitQueue
-from tests.conftest import MEM_SIZE, Ring
+from tests.support.ring import MEM_SIZE, Ring
 
 NEXT = spec.VIRTQ_DESC_F_NEXT
 WRITE = spec.VIRTQ_DESC_F_WRITE
