@@ -143,7 +143,7 @@ class HostReadError(BalloonError):
 
 
 class FuzzerFailed(BalloonError):
-    """A fuzzing tool ``balloonctl fuzz`` runs stopped without a result: it could not start,
+    """A fuzzing tool ``python -m fuzz`` runs stopped without a result: it could not start,
     exited with an error of its own, or outlived its deadline. Not a finding (exit 1)."""
 
 

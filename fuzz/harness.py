@@ -2,8 +2,8 @@
 
 Each harness in :data:`TARGETS` takes the fuzzer's bytes, decodes them with
 :class:`ByteReader` into inputs for one untrusted-input surface of balloonctl, runs them,
-catches *only* the errors documented for that surface (DESIGN.md, "Hostile-guest input:
-every class has a typed error", and the error tree in ``balloonctl.errors``) and checks an
+catches *only* the errors documented for that surface (docs/vring-parse.md,
+"Hostile-guest input classes", and the error tree in ``balloonctl.errors``) and checks an
 explicit oracle. Anything else that escapes, an unexpected exception or an
 :class:`OracleViolation`, is a finding.
 
@@ -18,7 +18,7 @@ Targets and oracles:
 * ``vring_ops``: queue parameters, guest writes and device operations on
   :class:`~balloonctl.virtio.queue.SplitQueue`. Only ``VirtioError`` may end a run. Each
   pop reads at most N + N descriptors (its table, one indirect table), agrees with an
-  independent reference walk of DESIGN.md's rules, and the device writes nothing but the
+  independent reference walk of docs/vring-parse.md's rules, and the device writes nothing but the
   used ring. A ``GuestMemoryError`` escaping (a touch outside guest memory) is a finding.
 * ``vring_image``: a header of queue parameters and a raw image through ``vring parse``'s
   :func:`~balloonctl.virtio.inspect.parse_ring`, which must report every problem in its
@@ -50,6 +50,7 @@ import numpy as np
 from balloonctl import errors
 from balloonctl.backends import libvirt as libvirt_backend
 from balloonctl.backends import qmpvocab
+from balloonctl.backends.base import GuestStats
 from balloonctl.backends.qmpvocab import parse_queue_status
 from balloonctl.daemon.config import load as load_config
 from balloonctl.errors import BalloonError, ConfigError, VirtioError
@@ -151,7 +152,8 @@ class ByteReader:
 
 #: Queue sizes worth trying: the invalid ones (0, not a power of two, > 32768) included.
 QUEUE_SIZES: Final = (0, 1, 2, 3, 4, 8, 16, 32, 64, 100, 128, 256, 1024, 32768, 65536)
-#: Lengths at the edges of DESIGN.md's checks (0, not a multiple of 16, a page, 2**32 - 1).
+#: Lengths at the edges of docs/vring-parse.md's checks (0, not a multiple of 16, a page,
+#: 2**32 - 1).
 LENGTHS: Final = (0, 1, 4, 15, 16, 32, 48, 4096, 0x10000, 0xFFFFFFFF)
 #: Guest memory for the queue targets: two regions and a hole between them, so the "leaves
 #: guest memory" checks meet a hole as well as the end of RAM.
@@ -211,7 +213,7 @@ _Walk = list[tuple[int, int, int, int, int, bool]] | type[VirtioError] | None
 
 
 def _reference_pop(mem: GuestMemory, q: SplitQueue) -> _Walk:
-    """What the next pop must give, from DESIGN.md's rules written out independently.
+    """What the next pop must give, from docs/vring-parse.md's rules written out independently.
 
     Order: the avail index (AvailIndexJump), the head (HeadOutOfRange), then per
     descriptor its flags (the INDIRECT rules, 2.7.5.3.1), its length, its bounds, its
@@ -832,8 +834,6 @@ def _json(data: bytes) -> tuple[bool, object]:
 
 
 def _check_stats(stats: object) -> None:
-    from balloonctl.backends.base import GuestStats  # noqa: PLC0415
-
     _check(isinstance(stats, GuestStats), "not GuestStats")
     assert isinstance(stats, GuestStats)
     for value in (stats.last_update, *stats.stats.values()):

@@ -1,11 +1,11 @@
 """QMP socket addresses as users write them, parsed without touching the network.
 
-DESIGN.md names a VM by its QMP socket: ``unix:/path``, a plain path to a socket, or
-``tcp:HOST:PORT`` (an IPv6 host in brackets, ``tcp:[::1]:4444``, as QEMU's own ``-qmp
-tcp:...`` syntax and URLs write it). :func:`parse_address` is pure so that a typo is a
-:class:`~balloonctl.errors.UsageError` (exit 2) before any connection is tried;
-:func:`looks_like_qmp_address` is the one check that looks at the file system, for a caller
-that must tell a socket path from a libvirt domain name.
+A VM is named by its QMP socket (docs/contracts.md, "VM addresses"): ``unix:/path``, a
+plain path to a socket, or ``tcp:HOST:PORT`` (an IPv6 host in brackets, ``tcp:[::1]:4444``,
+as QEMU's own ``-qmp tcp:...`` syntax and URLs write it). :func:`parse_address` is pure
+so that a typo is a :class:`~balloonctl.errors.UsageError` (exit 2) before any connection is
+tried; :func:`looks_like_qmp_address` is the one check that looks at the file system, for a
+caller that must tell a socket path from a libvirt domain name.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """What the CLI and the daemon need from a VM, whatever reaches it (QMP or libvirt).
 
 A backend is an asyncio object bound to one VM. It speaks in bytes and in balloonctl's
-names (DESIGN.md's stat names without ``stat-``, feature names with hyphens) so that
+names (QEMU's stat names without ``stat-``, feature names with hyphens; docs/contracts.md) so that
 nothing above it knows which library is underneath. Every failure is a
 :class:`~balloonctl.errors.BalloonError`: ``VmUnreachable``/``ConnectionLost`` when the VM
 cannot be talked to, ``CommandFailed`` when it refuses, ``PeerError`` when it answers
-nonsense. Backends import only ``errors``, ``units`` and their own library (DESIGN.md),
+nonsense. Backends import only ``errors``, ``units`` and their own library (docs/architecture.md),
 plus ``virtio.features`` for decoding feature words and ``virtio.spec`` for the stat
 names, pure tables without I/O.
 """
@@ -22,7 +22,7 @@ from typing import Protocol
 class GuestStats:
     """One reading of the guest's statistics.
 
-    ``stats`` maps DESIGN.md names (``free-memory``, ``available-memory``, ``total-memory``,
+    ``stats`` maps balloonctl's names (``free-memory``, ``available-memory``, ``total-memory``,
     ``disk-caches``, ``swap-in``, ... ``oom-kills``, ``direct-reclaims``) to bytes or counts
     (``virtio.spec.BYTE_STATS`` says which); statistics the guest or the hypervisor does not
     report are absent, never -1 or a made-up 0. ``last_update`` is the guest's timestamp of
@@ -42,7 +42,7 @@ class GuestStats:
 class FeatureState:
     """The balloon's feature bits as the device offers them and the driver acked them.
 
-    ``profile`` is ``virtio-1.2`` or ``seed-sg`` (how bit 3 reads: DESIGN.md). ``offered``
+    ``profile`` is ``virtio-1.2`` or ``seed-sg`` (how bit 3 reads: docs/protocol.md). ``offered``
     and ``acked`` are feature names in bit order (device bits first, then transport bits);
     ``unknown_offered``/``unknown_acked`` are bits balloonctl has no name for.
     ``driver_ok`` says whether a driver is running (acked is empty before it is).

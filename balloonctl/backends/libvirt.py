@@ -3,7 +3,7 @@
 What this module adds to libvirt-python, and why:
 
 * **Units and names.** libvirt speaks KiB (``setMemoryFlags``, ``memoryStats``) and its own
-  stat names; balloonctl speaks bytes and DESIGN.md's names. The mapping is in one table,
+  stat names; balloonctl speaks bytes and its own names. The mapping is in one table,
   :data:`STAT_NAMES`, with libvirt's traps written out: its ``available`` is the guest's
   *total* memory (QEMU's ``stat-total-memory``), ``usable`` is MemAvailable and ``unused``
   is MemFree.
@@ -86,7 +86,7 @@ from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-#: libvirt's memoryStats keys -> (DESIGN.md name, multiplier to bytes or counts). ``actual``,
+#: libvirt's memoryStats keys -> (balloonctl's name, multiplier to bytes or counts). ``actual``,
 #: ``rss`` and ``last_update`` are not guest statistics and are handled apart.
 #: (src/libvirt-domain.c VIR_DOMAIN_MEMORY_STAT_*; qemu_driver.c qemuDomainMemoryStats.)
 #: libvirt has no key for stats tags 10-15: :meth:`LibvirtBackend.stats` reads those from QEMU.
@@ -325,7 +325,7 @@ def stats_period_of(xml: str) -> int:
 
 
 def normalize_stats(raw: Mapping[str, int]) -> GuestStats:
-    """libvirt's ``memoryStats()`` (KiB and counts) -> DESIGN.md names in bytes and counts."""
+    """libvirt's ``memoryStats()`` (KiB and counts) -> balloonctl's names in bytes and counts."""
     stats: dict[str, int] = {}
     for key, value in raw.items():
         mapped = STAT_NAMES.get(key)

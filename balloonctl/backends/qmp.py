@@ -818,7 +818,7 @@ class QmpBackend(QmpVocabulary):
         client = await self._connected()
         alive = self._alive(self._session)
         listener = BoundedEventListener(BALLOON_CHANGE, maxlen=self.WATCH_BACKLOG)
-        # qemu.qmp 0.0.6: listen() yields None, so the listener is made first (real-qemu-lab.md).
+        # qemu.qmp 0.0.6: listen() yields None, so the listener is made first (docs/real-qemu.md).
         with self._listening(client, listener):
             yield _ActualValues(self.name, alive, listener)
 

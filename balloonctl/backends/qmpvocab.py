@@ -11,7 +11,7 @@ subclasses supply ``_execute`` (one command, every failure already a
 guest let the balloon go: a DEVICE_DELETED event on a QMP socket, polling the QOM tree under
 libvirt, which consumes the events itself).
 
-Backends import only ``errors``, ``units`` and their own library (DESIGN.md). The one
+Backends import only ``errors``, ``units`` and their own library (docs/architecture.md). The one
 exception here, ``balloonctl.virtio.features``, is pure tables and string decoding (it
 imports ``errors`` and ``virtio.spec``, no I/O, no numpy): the bit names and profiles must
 have one source of truth, shared with the device side, so they are imported, not copied.
@@ -190,7 +190,7 @@ def decode_guest_stats(reply: object) -> GuestStats:
     """``qom-get guest-stats`` -> :class:`GuestStats`.
 
     QEMU answers ``{"stats": {"stat-free-memory": N, ...}, "last-update": EPOCH_S}``
-    (hw/virtio/virtio-balloon.c balloon_stats_get_all). Names lose ``stat-`` (DESIGN.md),
+    (hw/virtio/virtio-balloon.c balloon_stats_get_all). Names lose ``stat-`` (docs/contracts.md),
     statistics the guest does not report (-1) are dropped, and anything that is not a
     non-negative integer is a :class:`PeerError`: a daemon must not act on a guessed number.
 
@@ -264,7 +264,7 @@ def decode_virtio_status(
     ``host-features`` is what the device offers and ``guest-features`` what the driver acked
     (qapi/virtio.json VirtioStatus, QEMU 7.2). The profile is the one the device's own
     feature names point to: a device naming ``VIRTIO_BALLOON_F_SG`` is ``seed-sg``; anything
-    else reads bit 3 as virtio 1.2 does (DESIGN.md). ``profile_name`` is for a caller that
+    else reads bit 3 as virtio 1.2 does (docs/protocol.md). ``profile_name`` is for a caller that
     knows better (a seed-sg device with SG switched off names no seed-only feature). Bits the
     profile has no name for are kept in ``unknown_offered``/``unknown_acked``, never guessed at.
     """

@@ -237,7 +237,7 @@ def _run_one(config: RealBenchConfig, tool: str, target: int, ram: int) -> Sampl
 
 
 def _unix_path(address: str, option: str) -> str:
-    """A socket path from DESIGN.md's VM address forms; the raw client speaks unix only."""
+    """A socket path from the VM address forms of docs/contracts.md; the client speaks unix."""
     parsed = parse_address(address)
     if parsed.kind != "unix":
         raise UsageError(f"{option} must be a unix socket (the raw client is unix-only)")

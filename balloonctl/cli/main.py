@@ -1,6 +1,6 @@
 """The ``balloonctl`` command line: argparse in, one exit code out.
 
-Exit codes (DESIGN.md): 0 done; 1 the operation failed; 2 usage or configuration error;
+Exit codes (docs/contracts.md): 0 done; 1 the operation failed; 2 usage or configuration error;
 3 a finding (a malformed ring). Errors are one line on stderr; ``-v`` adds the detail.
 """
 
@@ -33,7 +33,7 @@ log = logging.getLogger("balloonctl")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with DESIGN.md's error contract: one line on stderr, exit 2."""
+    """argparse with the error contract (docs/contracts.md): one line on stderr, exit 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -804,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command of ``args``, with DESIGN.md's error contract."""
+    """The command of ``args``, with the error contract of docs/contracts.md."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="balloonctl: %(levelname)s: %(message)s",

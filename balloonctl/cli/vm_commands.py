@@ -62,7 +62,7 @@ SG_ON_V12: Final = (
 )
 
 
-#: The libvirt URI given with ``-c/--connect``; None means DESIGN.md's default (see
+#: The libvirt URI given with ``-c/--connect``; None means the default of docs/contracts.md (see
 #: :func:`libvirt_uri`). A context variable, set by the CLI before ``asyncio.run`` (which
 #: copies the context), so that every command reaches it without an extra parameter.
 CONNECT_URI: ContextVar[str | None] = ContextVar("balloonctl_connect_uri", default=None)
@@ -95,7 +95,7 @@ def open_vm(name: str) -> Backend:
 
 # --- status ------------------------------------------------------------------------------
 def features_report(state: FeatureState) -> dict[str, Any]:
-    """DESIGN.md's ``features`` object (without ``vm``)."""
+    """The ``features`` object of docs/contracts.md (without ``vm``)."""
     return {
         "profile": state.profile,
         "offered": list(state.offered),
@@ -163,7 +163,7 @@ class SetResult:
     error: str | None = None
 
     def report(self) -> dict[str, Any]:
-        """DESIGN.md's ``set`` object."""
+        """The ``set`` object of docs/contracts.md."""
         return {
             "vm": self.vm,
             "target_bytes": self.target,
@@ -372,7 +372,7 @@ async def watch_stats(
 
 # --- features / negotiate -------------------------------------------------------------------------
 def features_json(vm: str, state: FeatureState) -> dict[str, Any]:
-    """DESIGN.md's ``features`` object."""
+    """The ``features`` object of docs/contracts.md."""
     out = {"vm": vm}
     out.update(features_report(state))
     return out

@@ -325,7 +325,7 @@ def queue_index(state: FeatureState, queue: str) -> int:
 
 def decode_for(state: FeatureState, queue: str) -> Decode:
     """How the queue's buffers read: inflate/deflate as SG chunks only where the seed
-    profile's ``sg`` is acked (bit 3 is free-page-hint everywhere else, DESIGN.md)."""
+    profile's ``sg`` is acked (bit 3 is free-page-hint everywhere else, docs/protocol.md)."""
     if queue == "stats":
         return Decode.STATS
     if queue == "reporting":

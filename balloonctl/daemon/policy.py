@@ -145,7 +145,7 @@ class VmState:
     #: Configured floor (bytes).
     floor: int
     shares: int
-    #: The guest's statistics (DESIGN.md names, bytes), None if it never reported.
+    #: The guest's statistics (docs/contracts.md names, bytes), None if it never reported.
     stats: Mapping[str, int] | None
     #: Seconds since the guest took that reading.
     stats_age: float

@@ -3,7 +3,7 @@
 The device side (:class:`BalloonDevice`) and the guest driver model (:class:`BalloonDriver`)
 are the same code the tests and benchmarks use; this module adds what a running VM has and
 a testbed does not: Linux's ``update_balloon_size_func`` as an asyncio task that moves the
-balloon at a bounded rate (QEMU under TCG inflates about 1 GiB/s, real-qemu-lab.md), retries
+balloon at a bounded rate (QEMU under TCG inflates about 1 GiB/s, docs/real-qemu.md), retries
 every 200 ms when the guest has no pages to give ("Out of puff!"), the stats timer of
 ``guest-stats-polling-interval``, and the driver's removal on hot-unplug.
 """

@@ -39,7 +39,7 @@ BALLOON_DRIVER: Final = "virtio-balloon-pci"
 HOTPLUG_BUS: Final = "rp1"
 ROOT_BUS: Final = "pcie.0"
 #: Hot-unplug: the guest's pciehp handles the request and QEMU finalizes the device
-#: (real-qemu-lab.md: DEVICE_DELETED about 0.55 s after device_del).
+#: (docs/real-qemu.md: DEVICE_DELETED about 0.55 s after device_del).
 UNPLUG_DELAY_S: Final = 0.5
 #: A hot-plugged balloon reaches DRIVER_OK ~25 ms after device_add; at boot, a few seconds.
 PLUG_PROBE_S: Final = 0.025

@@ -230,7 +230,7 @@ VIRTIO_1_2: Final = Profile(
         _PAGE_REPORTING,
     ),
     # QEMU 7.2 `-device virtio-balloon-pci,deflate-on-oom=on,free-page-reporting=on`, as
-    # x-query-virtio-status shows it (real-qemu-lab.md).
+    # x-query-virtio-status shows it (docs/real-qemu.md).
     default_offered=(
         "stats-vq",
         "deflate-on-oom",
