@@ -30,26 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from balloonctl.errors import OperationTimeout, PeerError, UsageError
+from balloonctl.daemon.app import raise_fd_limit
+from balloonctl.daemon.config import load
+from balloonctl.daemon.loop import Daemon
+from balloonctl.daemon.sdnotify import Notifier
+from balloonctl.errors import PeerError, UsageError
+from balloonctl.sim.fleet import SimFleet, SimProcess, SimSpec
+from balloonctl.sim.host import SimHost, daemon_config
 from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION, qemu_profile
 from balloonctl.units import format_size
-
-if TYPE_CHECKING:
-    from balloonctl.daemon.loop import Daemon
 
 #: The goal this bench measures against.
 GOAL_VMS: Final = 1000
@@ -84,123 +83,6 @@ class DaemonBenchConfig:
     host: str = "follow"
     #: The QEMU the simulated VMs answer as (``balloonctl sim --qemu-version``).
     qemu_version: str = DEFAULT_QEMU_VERSION
-
-
-# --------------------------------------------------------------------------------------------
-# Pieces the demo uses too: a fake host, a sim process
-# --------------------------------------------------------------------------------------------
-
-
-def write_meminfo(path: str, total: int, available: int) -> None:
-    """A /proc/meminfo the daemon reads (kB, as proc(5)); replaced atomically, so a tick
-    never reads half a file."""
-    free = available // 2
-    text = (
-        f"MemTotal:       {total // 1024:>10} kB\n"
-        f"MemFree:        {free // 1024:>10} kB\n"
-        f"MemAvailable:   {available // 1024:>10} kB\n"
-    )
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="ascii") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def start_sim(
-    qmp_dir: str,
-    count: int,
-    *,
-    memory: int,
-    workloads: Sequence[str],
-    time_scale: float = 1.0,
-    log_path: str,
-    qemu_version: str = DEFAULT_QEMU_VERSION,
-) -> subprocess.Popen[bytes]:
-    """One ``balloonctl sim`` process serving ``count`` VMs as ``qmp_dir/vmN.sock``, answering
-    as QEMU ``qemu_version``."""
-    argv = [
-        sys.executable,
-        "-m",
-        "balloonctl",
-        "sim",
-        "--qmp-dir",
-        qmp_dir,
-        "--count",
-        str(count),
-        "--memory",
-        str(memory),
-        "--workloads",
-        ",".join(workloads),
-        "--time-scale",
-        f"{time_scale:g}",
-        "--qemu-version",
-        qemu_version,
-    ]
-    # Its log goes to a file: a pipe nobody reads could fill up and stall it.
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-
-
-def wait_sockets(
-    proc: subprocess.Popen[bytes], paths: Sequence[str], timeout: float, log_path: str
-) -> float:
-    """Until every socket in ``paths`` exists; the seconds it took."""
-    t0 = time.monotonic()
-    left = list(paths)
-    while left:
-        left = [p for p in left if not os.path.exists(p)]
-        if not left:
-            break
-        if proc.poll() is not None:
-            raise PeerError(f"the sim exited ({proc.returncode}): {_tail(log_path)}")
-        if time.monotonic() - t0 > timeout:
-            raise OperationTimeout(
-                f"the sim served {len(paths) - len(left)} of {len(paths)} VMs in {timeout:g} s"
-            )
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
-def stop_sim(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it does not go within 10 s."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            lines = fh.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(no output)"
-
-
-def _toml(text: str) -> str:
-    """A TOML basic string (JSON's escapes are TOML's)."""
-    return json.dumps(text)
-
-
-def config_text(sockets: Sequence[tuple[str, str]], *, interval: float, tmp: str) -> str:
-    """A daemon config: one ``[[vm]]`` per (name, socket), host files and state in ``tmp``."""
-    lines = [
-        "[daemon]",
-        f"interval = {interval!r}",
-        f"state_dir = {_toml(os.path.join(tmp, 'state'))}",
-        "",
-        "[host]",
-        f"meminfo = {_toml(os.path.join(tmp, 'meminfo'))}",
-        f"psi = {_toml(os.path.join(tmp, 'no-psi'))}",  # never created: no PSI
-    ]
-    for name, path in sockets:
-        lines += ["", "[[vm]]", f"name = {_toml(name)}", f"qmp = {_toml(path)}"]
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,39 +184,36 @@ def _count_lines(path: str) -> int:
 
 def run(config: DaemonBenchConfig) -> dict[str, Any]:
     """Start the sim, run the daemon for warm-up + ``ticks`` ticks; the report."""
-    from balloonctl.daemon.app import raise_fd_limit  # noqa: PLC0415
-
     _validate(config)
     raise_fd_limit()  # one socket per VM, as `balloonctl daemon` does
     tmp = tempfile.mkdtemp(prefix="balloonctl-bench-daemon-")
-    proc: subprocess.Popen[bytes] | None = None
     try:
         qmp_dir = os.path.join(tmp, "qmp")
         os.mkdir(qmp_dir)
-        log_path = os.path.join(tmp, "sim.log")
-        sockets = [(f"vm{i}", os.path.join(qmp_dir, f"vm{i}.sock")) for i in range(config.vms)]
-        proc = start_sim(
-            qmp_dir,
-            config.vms,
-            memory=config.memory,
-            workloads=WORKLOADS,
-            log_path=log_path,
-            qemu_version=config.qemu_version,
-        )
-        sim_start_s = wait_sockets(proc, [p for _, p in sockets], config.start_timeout, log_path)
-        path = os.path.join(tmp, "config.toml")
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(config_text(sockets, interval=config.interval, tmp=tmp))
-        # A host twice the guests' size: under pressure every giver gives a full step each
-        # tick, and when calm there is room for all of them to grow back.
-        total = 2 * config.vms * config.memory
-        daemon_log = os.path.join(tmp, "daemon.log")
-        with _daemon_log(daemon_log):
-            run_ = asyncio.run(_measure(config, path, tmp, total, proc))
+        with SimFleet(qmp_dir) as fleet:
+            sim = fleet.spawn(
+                SimSpec(
+                    name="sim",
+                    count=config.vms,
+                    memory=config.memory,
+                    workloads=WORKLOADS,
+                    qemu_version=config.qemu_version,
+                )
+            )
+            # Sockets only: connecting and the first statistics are the warm-up's.
+            sim_start_s = asyncio.run(fleet.wait_ready([sim], timeout=config.start_timeout))
+            sockets = [(f"vm{i}", path) for i, path in enumerate(sim.sockets)]
+            path = os.path.join(tmp, "config.toml")
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(daemon_config(sockets, interval=config.interval, directory=tmp))
+            # A host twice the guests' size: under pressure every giver gives a full step
+            # each tick, and when calm there is room for all of them to grow back.
+            total = 2 * config.vms * config.memory
+            daemon_log = os.path.join(tmp, "daemon.log")
+            with _daemon_log(daemon_log):
+                run_ = asyncio.run(_measure(config, path, tmp, total, sim))
         return report(config, sim_start_s, run_, log_lines=_count_lines(daemon_log))
     finally:
-        if proc is not None:
-            stop_sim(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -343,14 +222,10 @@ async def _measure(
     config_path: str,
     tmp: str,
     total: int,
-    proc: subprocess.Popen[bytes],
+    sim: SimProcess,
 ) -> _Run:
-    from balloonctl.daemon.config import load  # noqa: PLC0415
-    from balloonctl.daemon.loop import Daemon  # noqa: PLC0415
-    from balloonctl.daemon.sdnotify import Notifier  # noqa: PLC0415
-
     cfg = load(config_path)
-    meminfo = cfg.host.meminfo
+    host = SimHost(total, {vm.name: config.memory for vm in cfg.vms}, cfg.host.meminfo)
     warmup: list[TickSample] = []
     measured: list[TickSample] = []
     sim_cpu: float | None = None
@@ -363,30 +238,26 @@ async def _measure(
         cpu, mark = time.process_time(), t0
         warm = ready = False
         while len(measured) < config.ticks:
-            if proc.poll() is not None:
-                raise PeerError(f"the sim exited ({proc.returncode}) during the bench")
+            if not sim.alive:
+                raise PeerError(f"the sim exited ({sim.proc.returncode}) during the bench")
             if not warm:
                 ready = bool(warmup) and _ready(d, config.vms, since)
                 warm = ready or time.monotonic() - t0 > MAX_WARMUP_S
             if warm and not measured:
-                sim_cpu, measured_t0 = _proc_cpu(proc.pid), time.monotonic()
-                waits = (_run_delay(os.getpid()), _run_delay(proc.pid))
+                sim_cpu, measured_t0 = _proc_cpu(sim.pid), time.monotonic()
+                waits = (_run_delay(os.getpid()), _run_delay(sim.pid))
             if warm:
                 phase = "pressure" if len(measured) < config.ticks // 2 else "calm"
             else:
                 phase = "warmup"
-            available = total * HOST_AVAILABLE_PERCENT[phase] // 100
             if config.host == "follow":
                 # What the guests have given up (their RAM less their size now) is the host's.
                 for link in d.links.values():
                     link.refresh_actual()  # the sizes now, not as of the last tick
-                given = sum(
-                    config.memory - link.actual
-                    for link in d.links.values()
-                    if link.actual is not None
-                )
-                available = min(max(available + given, 0), total)
-            write_meminfo(meminfo, total, available)
+                host.observe({name: link.actual for name, link in d.links.items()})
+            # ``static``: no size is ever observed, so the phase's value is all there is.
+            host.leave(HOST_AVAILABLE_PERCENT[phase], at_full_size=True)
+            host.write()
             done = await d.tick()
             sample = TickSample(
                 tick=done.tick,
@@ -420,9 +291,9 @@ async def _measure(
         warmup,
         measured,
         ready,
-        share(sim_cpu, _proc_cpu(proc.pid)),
+        share(sim_cpu, _proc_cpu(sim.pid)),
         share(waits[0], _run_delay(os.getpid())),
-        share(waits[1], _run_delay(proc.pid)),
+        share(waits[1], _run_delay(sim.pid)),
     )
 
 
@@ -640,13 +511,4 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = [
-    "DaemonBenchConfig",
-    "config_text",
-    "format_report",
-    "run",
-    "start_sim",
-    "stop_sim",
-    "wait_sockets",
-    "write_meminfo",
-]
+__all__ = ["DaemonBenchConfig", "format_report", "run"]

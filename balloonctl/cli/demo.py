@@ -21,32 +21,40 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Final, TextIO
 
 from balloonctl.cli import vm_commands
 from balloonctl.daemon.config import Config
 from balloonctl.daemon.config import load as load_config
-from balloonctl.errors import BalloonError, OperationTimeout
+from balloonctl.daemon.loop import Daemon
+from balloonctl.daemon.sdnotify import Notifier
+from balloonctl.errors import BalloonError
+from balloonctl.sim.fleet import SimFleet, SimSpec
+from balloonctl.sim.host import SimHost, daemon_config
 from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION
 from balloonctl.units import format_size
 
 GiB = 1 << 30
 
-#: The tour's VMs and their ``balloonctl sim`` options; the daemon part boots ``leak`` too.
-TOUR_VMS: Final = {
-    "web": ["--workload", "steady"],
-    "batch": ["--workload", "spiky", "--time-scale", "2"],
-    "idle": ["--workload", "idle"],
-}
+#: The tour's VMs (the sim's defaults otherwise: 2 GiB, seed-sg); the daemon part boots
+#: ``leak`` too.
+TOUR_VMS: Final = (
+    SimSpec("web", workload="steady"),
+    SimSpec("batch", workload="spiky", time_scale=2.0),
+    SimSpec("idle", workload="idle"),
+)
 #: Its anon memory grows by 5 % of RAM a second (the workload's 1 %, five times as fast):
 #: short of memory about a dozen seconds into the daemon part.
-LEAK_VM: Final = {"leak": ["--workload", "leak", "--time-scale", "5"]}
+LEAK_VM: Final = SimSpec("leak", workload="leak", time_scale=5.0)
+#: Each VM's RAM (the sim's default): what it holds until the daemon knows its size.
+VM_RAM: Final = 2 * GiB
+#: Seconds the VMs get to boot (their guest drivers up).
+BOOT_TIMEOUT_S: Final = 30.0
 #: The simulated host: MemTotal, and its MemAvailable (% of MemTotal) when the daemon
 #: starts, under the job's pressure, and when the job has ended (all guests at full size).
 HOST_TOTAL: Final = 12 * GiB
@@ -86,44 +94,14 @@ class Demo:
         self.out.flush()
 
 
-def start_vms(
-    qmp_dir: str, specs: dict[str, list[str]], qemu_version: str = DEFAULT_QEMU_VERSION
-) -> list[subprocess.Popen[bytes]]:
-    """One ``balloonctl sim`` process per VM, answering as QEMU ``qemu_version``."""
-    procs = []
-    for name, extra in specs.items():
-        argv = [
-            sys.executable,
-            "-m",
-            "balloonctl",
-            "sim",
-            "--qmp",
-            os.path.join(qmp_dir, f"{name}.sock"),
-            "--qemu-version",
-            qemu_version,
-            *extra,
-        ]
-        # The sims' own log goes next to their sockets: a pipe nobody reads could fill up.
-        log = open(os.path.join(qmp_dir, f"{name}.log"), "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log))
-        log.close()
-    return procs
-
-
-async def wait_ready(path: str, timeout: float = 30.0) -> None:
-    """Until the VM's guest driver is up (DRIVER_OK), as with a booting guest."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if os.path.exists(path):
-            try:
-                report, _ = await vm_commands.features(path)
-                if report["driver_ok"]:
-                    return
-            except BalloonError:
-                pass
-        if time.monotonic() > deadline:
-            raise OperationTimeout(f"simulated VM {path} did not come up in {timeout:g} s")
-        await asyncio.sleep(0.1)
+async def driver_ok(path: str) -> bool:
+    """Whether the VM's guest driver is up (DRIVER_OK): the tour's first command must find
+    a booted guest, as a user would."""
+    try:
+        report, _ = await vm_commands.features(path)
+    except BalloonError:
+        return False
+    return bool(report["driver_ok"])
 
 
 async def tour(demo: Demo, duration: float) -> None:
@@ -210,16 +188,13 @@ class Autoballoon:
     """The daemon part: a simulated host around an in-process :class:`Daemon`."""
 
     def __init__(self, demo: Demo, names: Sequence[str], config_path: str) -> None:
-        from balloonctl.daemon.loop import Daemon  # noqa: PLC0415
-        from balloonctl.daemon.sdnotify import Notifier  # noqa: PLC0415
-
         self.demo = demo
         self.names = list(names)
         config = load_config(config_path)
-        self.meminfo = config.host.meminfo
+        #: What the host's own programs use is set per phase; its MemAvailable then follows
+        #: the guests' sizes.
+        self.host = SimHost(HOST_TOTAL, dict.fromkeys(self.names, VM_RAM), config.host.meminfo)
         self.daemon = Daemon(config, notifier=Notifier(None))
-        #: What the host's own programs use (bytes): set per phase.
-        self.host_use = 0
         #: Each VM's size at every tick, as the daemon knew it.
         self.history: dict[str, list[int]] = {name: [] for name in self.names}
 
@@ -233,17 +208,9 @@ class Autoballoon:
             out[name] = None if link is None else link.actual
         return out
 
-    def guests(self) -> int:
-        """What the guests hold: their sizes, their full RAM until the daemon knows better."""
-        return sum(2 * GiB if size is None else size for size in self.sizes().values())
-
-    def host_available(self) -> int:
-        """MemTotal less the host's own use less what the guests hold."""
-        return max(0, HOST_TOTAL - self.host_use - self.guests())
-
-    def use_leaving(self, percent: int) -> int:
-        """The host's own use that leaves ``percent`` of MemTotal available now."""
-        return max(0, HOST_TOTAL * (100 - percent) // 100 - self.guests())
+    def observe(self) -> None:
+        """The host sees the guests' sizes now (their full RAM until the daemon knows)."""
+        self.host.observe(self.sizes())
 
     def ready(self, since: float) -> bool:
         """Every VM connected, with a statistics reading taken after ``since`` (wall clock:
@@ -256,9 +223,8 @@ class Autoballoon:
 
     async def tick(self) -> None:
         """Write the host's meminfo, tick the daemon, print what it did."""
-        from balloonctl.bench.daemon import write_meminfo  # noqa: PLC0415
-
-        write_meminfo(self.meminfo, HOST_TOTAL, self.host_available())
+        self.observe()
+        self.host.write()
         report = await self.daemon.tick()
         plan = report.plan
         mode = "-" if plan is None else plan.mode.value
@@ -297,12 +263,14 @@ class Autoballoon:
 
             for _ in range(MAX_WARMUP_TICKS):
                 # Balanced while it connects, whatever the guests' sizes: nothing to do yet.
-                self.host_use = self.use_leaving(HOST_START_PERCENT)
+                self.observe()
+                self.host.leave(HOST_START_PERCENT)
                 await one()
                 if self.ready(since):
                     break
             pressure = (ticks + 1) // 2
-            job = self.use_leaving(HOST_PRESSURE_PERCENT) - self.host_use
+            self.observe()
+            job = self.host.leave(HOST_PRESSURE_PERCENT)
             demo.say(
                 f"A job on the host starts and takes {format_size(job)}: host MemAvailable "
                 f"falls to {HOST_PRESSURE_PERCENT}% of {format_size(HOST_TOTAL)}, under the 20% "
@@ -310,14 +278,13 @@ class Autoballoon:
                 "of at most 5% of a VM a tick) until the host is out of pressure; a guest "
                 "short of memory itself still gets some."
             )
-            self.host_use += job
             for _ in range(pressure):
                 await one()
             demo.say(
                 "The host's job ends: the host is calm (more than 30% available), and the "
                 "guests grow back toward their 2 GiB out of what lies above 30%."
             )
-            self.host_use = 0
+            self.host.use = 0
             for _ in range(ticks - pressure):
                 await one()
         self.summary()
@@ -337,10 +304,9 @@ class Autoballoon:
 
 async def autoballoon(demo: Demo, names: Sequence[str], ticks: int) -> None:
     """The daemon part of the tour."""
-    from balloonctl.bench.daemon import config_text  # noqa: PLC0415
-
     path = os.path.join(demo.dir, "autoballoon.toml")
-    text = config_text([(name, demo.sock(name)) for name in names], interval=1.0, tmp=demo.dir)
+    sockets = [(name, demo.sock(name)) for name in names]
+    text = daemon_config(sockets, interval=1.0, directory=demo.dir)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
     demo.say(
@@ -365,30 +331,23 @@ def run(
 ) -> int:
     """Start the VMs (answering as QEMU ``qemu_version``), run the tour and the daemon
     part, stop the VMs; 0 when every step worked."""
-    with tempfile.TemporaryDirectory(prefix="balloonctl-demo-") as qmp_dir:
-        procs = start_vms(qmp_dir, TOUR_VMS, qemu_version)
-        try:
+    tour_vms = [replace(spec, qemu_version=qemu_version) for spec in TOUR_VMS]
+    leak_vm = replace(LEAK_VM, qemu_version=qemu_version)
+    # The fleet stops every VM on the way out, before their directory goes.
+    with (
+        tempfile.TemporaryDirectory(prefix="balloonctl-demo-") as qmp_dir,
+        SimFleet(qmp_dir) as fleet,
+    ):
 
-            async def main() -> None:
-                for name in TOUR_VMS:
-                    await wait_ready(os.path.join(qmp_dir, f"{name}.sock"))
-                demo = Demo(qmp_dir, out)
-                await tour(demo, duration)
-                if daemon_ticks > 0:
-                    procs.extend(start_vms(qmp_dir, LEAK_VM, qemu_version))
-                    for name in LEAK_VM:
-                        await wait_ready(os.path.join(qmp_dir, f"{name}.sock"))
-                    await autoballoon(demo, [*TOUR_VMS, *LEAK_VM], daemon_ticks)
+        async def main() -> None:
+            await fleet.start(*tour_vms, timeout=BOOT_TIMEOUT_S, ready=driver_ok)
+            demo = Demo(qmp_dir, out)
+            await tour(demo, duration)
+            if daemon_ticks > 0:
+                await fleet.start(leak_vm, timeout=BOOT_TIMEOUT_S, ready=driver_ok)
+                names = [spec.name for spec in (*tour_vms, leak_vm)]
+                await autoballoon(demo, names, daemon_ticks)
 
-            asyncio.run(main())
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    out.write(f"\n# Done: all {len(procs)} simulated VMs stopped.\n")
+        asyncio.run(main())
+    out.write(f"\n# Done: all {fleet.vm_count} simulated VMs stopped.\n")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from tests.cli.conftest import run_cli
+from tests.support.cli import run_cli
 
 SIZE = r"\s*([\d.]+) GiB"
 

@@ -29,24 +29,13 @@ from balloonctl.backends.base import GuestStats
 from balloonctl.cli.vm_commands import render_stats, stats_report
 from balloonctl.units import format_size
 from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
-from tests.cli.conftest import (
-    RawQmpClient,
-    Sim,
-    SimFactory,
-    json_out,
-    popen_cli,
-    qmp_quit,
-    query_actual,
-    run_cli,
-    stop_process,
-    wait_until,
-)
+from tests.support.cli import json_out, popen_cli, run_cli, stop_process, wait_until
+from tests.support.qmp import qmp_quit, raw_actual, raw_stats_period
+from tests.support.sims import Sim, SimFactory
 
 MiB = 1 << 20
 GiB = 1 << 30
 RAM = 512 * MiB
-#: The balloon device's QOM path in the simulated VM (-device ...,id=balloon0).
-BALLOON = "/machine/peripheral/balloon0"
 #: The sentence `features` prints on a virtio 1.2 device (and negotiate refuses with).
 SG_SENTENCE = "SG does not exist on this device"
 FEATURE_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -109,15 +98,6 @@ def write_config(path: Path, text: str) -> str:
 def toml_str(text: str) -> str:
     """A TOML basic string (JSON's escaping is a subset of it)."""
     return json.dumps(text)
-
-
-def polling_interval(sock: str) -> int:
-    with RawQmpClient(sock) as client:
-        value = client.execute(
-            "qom-get", {"path": BALLOON, "property": "guest-stats-polling-interval"}
-        )
-    assert isinstance(value, int)
-    return value
 
 
 class Watch:
@@ -497,7 +477,7 @@ def test_set_without_wait_asks_and_returns(sim: Sim) -> None:
     assert isinstance(report["elapsed_s"], int | float) and report["elapsed_s"] >= 0
     assert isinstance(report["reached"], bool)
     # The balloon command really went out: the VM gets there on its own.
-    assert wait_until(lambda: query_actual(sim.sock) == 256 * MiB, timeout=10)
+    assert wait_until(lambda: raw_actual(sim.sock) == 256 * MiB, timeout=10)
 
 
 def test_set_wait_inflate_then_deflate(sim: Sim) -> None:
@@ -561,14 +541,14 @@ def test_set_size_spellings(sim_factory: SimFactory, memory: str, size: str, exp
 def test_set_bad_size_exits_2_and_sends_nothing(shared_sim: Sim, size_args: list[str]) -> None:
     result = run_cli("--json", "set", shared_sim.sock, *size_args, "--wait", "--timeout", "5")
     assert_error(result, 2)
-    assert query_actual(shared_sim.sock) == RAM
+    assert raw_actual(shared_sim.sock) == RAM
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
 def test_set_bad_timeout_exits_2(shared_sim: Sim, timeout: str) -> None:
     result = run_cli("set", shared_sim.sock, "256M", "--wait", f"--timeout={timeout}")
     assert_error(result, 2, "timeout")
-    assert query_actual(shared_sim.sock) == RAM
+    assert raw_actual(shared_sim.sock) == RAM
 
 
 def test_set_above_ram_is_clamped_with_a_notice(sim: Sim) -> None:
@@ -767,7 +747,7 @@ def _vm_goes_away_during_set(sim: Sim, how: str) -> subprocess.CompletedProcess[
     proc = popen_cli("--json", "set", sim.sock, "64M", "--wait", "--timeout", "30")
     try:
         # The balloon command is out and the guest is inflating (32 MiB/s: ~14 s to go).
-        assert wait_until(lambda: query_actual(sim.sock) < RAM - 16 * MiB, timeout=10)
+        assert wait_until(lambda: raw_actual(sim.sock) < RAM - 16 * MiB, timeout=10)
         if how == "quit":
             assert qmp_quit(sim.sock) == {"return": {}}
         elif how == "sigterm":
@@ -830,20 +810,20 @@ def _check_stats_report(report: dict[str, Any], vm: str, ram: int) -> None:
 
 
 def test_stats_json_turns_polling_on(sim: Sim) -> None:
-    assert polling_interval(sim.sock) == 0
+    assert raw_stats_period(sim.sock) == 0
     result = run_cli("--json", "stats", sim.sock)
     assert result.returncode == 0, result.stderr
     _check_stats_report(json_out(result), sim.sock, RAM)
     # A notice (not an error) says polling was off and is now on.
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "polling was off" in lines[0], result.stderr
-    assert polling_interval(sim.sock) == 2
+    assert raw_stats_period(sim.sock) == 2
 
 
 def test_stats_period_then_status_shows_fresh_stats(sim: Sim) -> None:
     first = ok_json("stats", sim.sock, "--period", "1")
     _check_stats_report(first, sim.sock, RAM)
-    assert polling_interval(sim.sock) == 1
+    assert raw_stats_period(sim.sock) == 1
     time.sleep(3.0)  # longer than the sim's age at boot could be mistaken for
     report = status(sim.sock)
     age = report["stats_age_s"]
@@ -854,12 +834,12 @@ def test_stats_period_then_status_shows_fresh_stats(sim: Sim) -> None:
 
 def test_stats_period_0_does_not_turn_polling_on(sim: Sim) -> None:
     """Found by this suite (fixed in e8ccbec): --period 0 on a VM not polling got 2 s."""
-    assert polling_interval(sim.sock) == 0
+    assert raw_stats_period(sim.sock) == 0
     result = run_cli("--json", "stats", sim.sock, "--period", "0")
     assert result.returncode in (0, 2), (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "turned it on" not in result.stderr
-    assert polling_interval(sim.sock) == 0
+    assert raw_stats_period(sim.sock) == 0
 
 
 def test_stats_text(shared_sim: Sim) -> None:
@@ -1056,7 +1036,7 @@ def test_negotiate_disable_then_enable_sg(sim: Sim) -> None:
     # The replugged balloon gave the guest its memory back meanwhile; negotiate then asks
     # for the size the VM had again (as libvirt keeps currentMemory across a replug).
     assert off["target_bytes"] == 256 * MiB
-    assert wait_until(lambda: query_actual(sim.sock) == 256 * MiB, timeout=10)
+    assert wait_until(lambda: raw_actual(sim.sock) == 256 * MiB, timeout=10)
     # ... and it is a working balloon.
     assert ok_json("set", sim.sock, "384M", "--wait", "--timeout", "20")["reached"] is True
 
@@ -1068,10 +1048,10 @@ def test_negotiate_disable_then_enable_sg(sim: Sim) -> None:
 
 def test_negotiate_keeps_stats_polling(sim: Sim) -> None:
     ok_json("stats", sim.sock, "--period", "1")
-    assert polling_interval(sim.sock) == 1
+    assert raw_stats_period(sim.sock) == 1
     ok_json("negotiate", sim.sock, "--disable", "deflate-on-oom", "--yes")
     assert "deflate-on-oom" not in features(sim.sock)["offered"]
-    assert polling_interval(sim.sock) == 1
+    assert raw_stats_period(sim.sock) == 1
 
 
 @pytest.mark.parametrize(

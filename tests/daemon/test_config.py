@@ -20,6 +20,7 @@ from balloonctl.daemon.config import (
 )
 from balloonctl.daemon.policy import PolicyConfig
 from balloonctl.errors import ConfigError, UsageError
+from tests.support.cli import one_line_error, run_cli
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -500,3 +501,43 @@ def test_two_vm_entries_for_one_socket_spelled_differently_are_refused(tmp_path:
         f'[[vm]]\nname = "b"\nqmp = "unix:{tmp_path}/./vm.sock"\n'
     )
     assert "vm[1].qmp: the same VM as 'a'" in error(tmp_path, text)
+
+
+def test_metrics_port_with_a_superscript_digit_is_a_config_error(tmp_path: Path) -> None:
+    """``port.isdigit()`` accepts "²" and ``int("²")`` then raised ValueError: every command
+    that loads the file (daemon, status, list ...) died with a traceback and exit 1."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nmetrics = "127.0.0.1:\u00b2"\n[[vm]]\nqmp = "/nonexistent.sock"\n')
+    with pytest.raises(ConfigError):
+        load(str(cfg))
+    result = run_cli("daemon", "--config", str(cfg), "--once", "--dry-run")
+    assert result.returncode == 2
+    assert "metrics" in one_line_error(result.stderr)
+
+
+def test_vm_socket_path_with_a_nul_byte_is_a_config_error(tmp_path: Path) -> None:
+    """A NUL in ``[[vm]] qmp`` was accepted: the daemon's collection task then raised
+    ValueError, which nothing logged (the VM silently never answered), and ``list``
+    died with a traceback."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[vm]]\nname = "a"\nqmp = "/tmp/a\\u0000b.sock"\n')
+    with pytest.raises(ConfigError):
+        load(str(cfg))
+
+
+def test_two_vm_entries_on_one_socket_are_refused(tmp_path: Path) -> None:
+    """Two ``[[vm]]`` naming the same QMP socket were managed as two VMs with two floors:
+    the entry with the lower floor shrank the VM below the other entry's floor, the other
+    raised it back, tick after tick (and the policy took the fight for deflate-on-OOM).
+    Reproduced against a simulated VM: with floors 950M and 700M on one socket the VM was
+    driven to 700 MiB again and again. ``Config.find`` already compares sockets as files;
+    the loader must refuse a second entry for the same VM (or the daemon must merge them)."""
+    sock = tmp_path / "vm.sock"
+    sock.touch()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[[vm]]\nname = "a"\nqmp = "{sock}"\nmin = "950M"\n'
+        f'[[vm]]\nname = "b"\nqmp = "unix:{tmp_path}/./vm.sock"\nmin = "700M"\n'
+    )
+    with pytest.raises(ConfigError):
+        load(str(cfg))

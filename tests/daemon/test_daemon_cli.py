@@ -8,30 +8,33 @@ READY=1, STATUS=, WATCHDOG=1, RELOADING=1 and STOPPING=1.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
+import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.cli.conftest import run_cli, wait_until
-from tests.daemon.conftest import (
+from balloonctl.sim.fleet import SimSpec
+from tests.backends.hostile_peer import FakeQemu, HostilePeer
+from tests.support.cli import balloonctl_argv, cli_env, run_cli, wait_until
+from tests.support.daemon import (
     ConfigFile,
     DaemonProcess,
     FakeHost,
     GiB,
     MiB,
     NotifySink,
-    SimFleet,
-    SimSpec,
     VmEntry,
-    raw_actual,
-    raw_execute,
-    raw_stats_period,
     state_tick,
     wait_ticks,
 )
+from tests.support.qmp import raw_actual, raw_execute, raw_stats_period
+from tests.support.sims import SimPool
 
 MakeConfig = Callable[..., ConfigFile]
 SpawnDaemon = Callable[..., DaemonProcess]
@@ -39,6 +42,8 @@ SpawnDaemon = Callable[..., DaemonProcess]
 #: Liveness bound on SIGTERM (the daemon waits on an event, so it is prompt; this only
 #: catches a daemon that does not stop at all).
 STOP_BOUND_S = 10.0
+#: Guard against a hang (a failure, not a measured time).
+HANG_GUARD_S = 120.0
 
 
 def _set_period(sock: str, seconds: int) -> None:
@@ -90,7 +95,7 @@ def _sigterm(daemon: DaemonProcess) -> float:
 
 
 def test_once_dry_run_decides_and_changes_nothing(
-    fleet: SimFleet, host: FakeHost, make_config: MakeConfig
+    fleet: SimPool, host: FakeHost, make_config: MakeConfig
 ) -> None:
     """``--json daemon --once --dry-run``: the decisions, and the VMs as they were: no target
     set, stats polling not turned on (nor made faster), no state directory. The same run
@@ -194,7 +199,7 @@ def test_once_refusals_are_one_line(
 
 
 def test_sighup_reload_new_floor_removed_vm_and_corrupt_file(
-    fleet: SimFleet, host: FakeHost, make_config: MakeConfig, spawn_daemon: SpawnDaemon
+    fleet: SimPool, host: FakeHost, make_config: MakeConfig, spawn_daemon: SpawnDaemon
 ) -> None:
     a, b = fleet.start(SimSpec("a"), SimSpec("b"))
     cfg = make_config([VmEntry("a", a.sock), VmEntry("b", b.sock)])
@@ -232,7 +237,7 @@ def test_sighup_reload_new_floor_removed_vm_and_corrupt_file(
 
 
 def test_notify_socket_sim_killed_and_back_and_sigterm(
-    fleet: SimFleet,
+    fleet: SimPool,
     host: FakeHost,
     make_config: MakeConfig,
     spawn_daemon: SpawnDaemon,
@@ -298,3 +303,103 @@ def test_notify_socket_sim_killed_and_back_and_sigterm(
         assert "Traceback" not in daemon.log()
     finally:
         sink.close()
+
+
+# --------------------------------------------------------------------------------------------
+# --once: one tick and out, with a one-line error and a prompt SIGTERM
+# --------------------------------------------------------------------------------------------
+
+
+def test_unreadable_meminfo_with_once_is_one_line(run_dir: Path) -> None:
+    """``--once`` on a host whose meminfo does not parse printed two lines: the loop's
+    ``ERROR: tick N: ...`` log and then ``error: ...`` (docs/contracts.md: a one-line error)."""
+    cfg = run_dir / "c.toml"
+    cfg.write_text('[host]\nmeminfo = "/dev/null"\n[[vm]]\nqmp = "/nonexistent/x.sock"\n')
+    result = run_cli(
+        "daemon", "--config", str(cfg), "--once", "--state-dir", str(run_dir / "state")
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "meminfo" in line]
+    assert len(lines) == 1, result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# --once: SIGTERM during the settle wait
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stale_stats_vm(path: Path) -> Iterator[HostilePeer]:
+    """A QMP peer whose guest statistics are old (FakeQemu's recorded last-update)."""
+    loop = asyncio.new_event_loop()
+    peer = HostilePeer(path, FakeQemu(ram=1 << 30))
+    ready = threading.Event()
+    stop: asyncio.Future[None] | None = None
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = loop.create_future()
+        async with peer:
+            ready.set()
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield peer
+    finally:
+
+        def finish() -> None:
+            if stop is not None and not stop.done():
+                stop.set_result(None)
+
+        loop.call_soon_threadsafe(finish)
+        thread.join(10)
+        loop.close()
+
+
+def test_sigterm_during_once_settle_wait_is_prompt(run_dir: Path) -> None:
+    """``--once`` waits one interval (+0.2 s) for fresh statistics with a plain
+    ``asyncio.sleep`` that SIGTERM/SIGINT do not interrupt (the daemon replaced their
+    handlers with ``stop()``, which only sets an event): with ``interval = 120`` a SIGTERM
+    2 s in was ignored for two minutes, and the tick then went on to decide and act, exit 0."""
+    sock = run_dir / "vm.sock"
+    cfg = run_dir / "c.toml"
+    meminfo = run_dir / "meminfo"
+    meminfo.write_text("MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n")
+    cfg.write_text(
+        f'[daemon]\ninterval = 40\n[host]\nmeminfo = "{meminfo}"\n'
+        f"[policy]\nstale_after = 120\n"
+        f'[[vm]]\nname = "vm"\nqmp = "{sock}"\n'
+    )
+    with stale_stats_vm(sock):
+        proc = subprocess.Popen(
+            balloonctl_argv(
+                "daemon", "--config", str(cfg), "--once", "--state-dir", str(run_dir / "state")
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        try:
+            time.sleep(4)  # connected, in the settle wait
+            assert proc.poll() is None
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=HANG_GUARD_S)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert took < 10, f"SIGTERM took {took:.1f} s to end --once"
+    # Ended by the signal (128 + SIGTERM), nothing decided or printed as a tick.
+    assert proc.returncode == 143, proc.stderr.read() if proc.stderr else ""
+    assert proc.stdout is not None and proc.stdout.read() == ""

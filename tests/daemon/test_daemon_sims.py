@@ -29,21 +29,21 @@ from balloonctl.daemon.link import RETRY_MIN_S, BackendFactory, Member, backend_
 from balloonctl.daemon.loop import Daemon, TickReport
 from balloonctl.daemon.policy import HostMode
 from balloonctl.daemon.sdnotify import Notifier
+from balloonctl.sim.fleet import SimSpec
 from balloonctl.units import format_size
 from tests.backends.hostile_peer import Drop, FakeQemu, Hang, HostilePeer
-from tests.daemon.conftest import (
+from tests.support.daemon import (
     ConfigFile,
     FakeHost,
     GiB,
     MiB,
     Observer,
-    SimFleet,
-    SimSpec,
     VmEntry,
     decisions,
     follow,
     until,
 )
+from tests.support.sims import SimPool
 
 MakeConfig = Callable[..., ConfigFile]
 
@@ -71,7 +71,7 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, vm: str) -> list[str]:
 
 
 def test_pressure_takes_from_idle_first_never_below_floors_and_calm_gives_back(
-    fleet: SimFleet, host: FakeHost, make_config: MakeConfig
+    fleet: SimPool, host: FakeHost, make_config: MakeConfig
 ) -> None:
     """An idle guest (87 % available) and a steady one (57 %), 1 GiB each, floors 640M/768M.
 
@@ -151,7 +151,7 @@ def test_pressure_takes_from_idle_first_never_below_floors_and_calm_gives_back(
 
 
 def test_page_cache_counts_as_available_so_the_cache_heavy_guest_gives_first(
-    fleet: SimFleet, host: FakeHost, make_config: MakeConfig
+    fleet: SimPool, host: FakeHost, make_config: MakeConfig
 ) -> None:
     """``--workload cache`` (15 % anon, 60 % page cache, about 20 % free) next to ``steady``
     (40 % anon, about 47 % free). By MemFree the steady guest has more to spare; by
@@ -186,7 +186,7 @@ def test_page_cache_counts_as_available_so_the_cache_heavy_guest_gives_first(
 
 
 def test_guest_under_its_own_pressure_gets_memory_from_the_idle_one(
-    fleet: SimFleet, host: FakeHost, make_config: MakeConfig
+    fleet: SimPool, host: FakeHost, make_config: MakeConfig
 ) -> None:
     """A guest squeezed to 160 MiB (16 % available, guest_low 20 %) while the host is under
     pressure: it grows, out of what the idle guest gives in the same tick."""
@@ -252,7 +252,7 @@ class TrapBackend(QmpBackend):
 @pytest.mark.parametrize("during", ["stats", "set_target"])
 def test_vm_killed_mid_tick_is_logged_once_and_picked_up_again(
     during: str,
-    fleet: SimFleet,
+    fleet: SimPool,
     host: FakeHost,
     make_config: MakeConfig,
     caplog: pytest.LogCaptureFixture,

@@ -21,7 +21,7 @@ from balloonctl.daemon.policy import VmMemory
 from balloonctl.daemon.sdnotify import Notifier
 from balloonctl.daemon.statestore import StateStore, default_dir
 from tests.backends.hostile_peer import FakeQemu, HostilePeer, Return
-from tests.daemon.conftest import ConfigFile, FakeHost, GiB, MiB, VmEntry, decisions
+from tests.support.daemon import ConfigFile, FakeHost, GiB, MiB, VmEntry, decisions
 
 MakeConfig = Callable[..., ConfigFile]
 

@@ -55,6 +55,7 @@ from typing import Final
 
 import pytest
 
+from balloonctl.sim.host import meminfo_text
 from balloonctl.units import format_size
 from fixtures.debian_root import (
     CHECKOUT,
@@ -68,7 +69,7 @@ from fixtures.debian_root import (
     sync_checkout,
     systemd_root,
 )
-from tests.cli.conftest import RawQmpClient
+from tests.support.qmp import RawQmpClient
 
 pytestmark = [
     pytest.mark.skipif(
@@ -335,12 +336,7 @@ class Rig:
     def host(self, percent: float) -> None:
         """The fake host's MemAvailable, as a percentage of its 16 GiB."""
         available = int(HOST_TOTAL * percent / 100)
-        self.write(
-            f"{FAKE_HOST_DIR}/meminfo",
-            f"MemTotal:       {HOST_TOTAL // 1024} kB\n"
-            f"MemFree:        {available // 2048} kB\n"
-            f"MemAvailable:   {available // 1024} kB\n",
-        )
+        self.write(f"{FAKE_HOST_DIR}/meminfo", meminfo_text(HOST_TOTAL, available))
 
     # ---------------------------------------------------------------- looking
 

@@ -11,24 +11,12 @@ PCIe root port, deflate-on-oom and free page reporting on (QEMU's defaults are o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from fixtures.guest import GiB, Guest, GuestImage, build_image
-
-ROOT_PORT = "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"
-BALLOON = "virtio-balloon-pci,id=balloon0,bus=rp1,deflate-on-oom=on,free-page-reporting=on"
-#: On pcie.0, which cannot hotplug: negotiate must refuse before touching it.
-BALLOON_ON_ROOT_BUS = "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
-
-BootGuest = Callable[..., Guest]
-
-
-def observer_path(guest: Guest) -> Path:
-    """Where ``boot_guest(observer=True)`` puts the extra QMP monitor."""
-    return guest.tmpdir / "observer.sock"
+from tests.support.guests import BALLOON, ROOT_PORT, BootGuest, observer_path
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,8 @@ assertions: a benchmark measures, a test checks that it measured)."""
 from __future__ import annotations
 
 from fixtures.guest import GiB, Guest, MiB
-from tests.cli.conftest import json_out, run_cli
-from tests.real.conftest import BootGuest, observer_path
-from tests.real.test_cli_real import actual
+from tests.support.cli import json_out, run_cli
+from tests.support.guests import BootGuest, actual, observer_path
 
 
 def test_bench_real_times_both_tools_and_sees_the_latency(boot_guest: BootGuest) -> None:

@@ -15,11 +15,15 @@ from typing import Any
 
 from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 from fixtures.guest import GiB, Guest, MiB, reports_extended_stats
-from tests.cli.conftest import json_out, run_cli
-from tests.real.conftest import BALLOON_ON_ROOT_BUS, ROOT_PORT, BootGuest
-
-#: Bound for any one CLI run on a TCG guest (the 1 GiB inflate takes 1-2 s).
-CLI_TIMEOUT = 120.0
+from tests.support.cli import json_out, run_cli
+from tests.support.guests import (
+    BALLOON_ON_ROOT_BUS,
+    CLI_TIMEOUT,
+    ROOT_PORT,
+    BootGuest,
+    actual,
+    wait_for,
+)
 
 
 def cli(guest: Guest, *args: str, timeout: float = CLI_TIMEOUT) -> Any:
@@ -29,20 +33,6 @@ def cli(guest: Guest, *args: str, timeout: float = CLI_TIMEOUT) -> Any:
     assert result.returncode == 0, (argv, result.stderr)
     assert "Traceback" not in result.stderr
     return json_out(result)
-
-
-def actual(guest: Guest) -> int:
-    """query-balloon ``actual``, straight from QEMU."""
-    value = guest.execute("query-balloon")["actual"]
-    assert isinstance(value, int)
-    return value
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.1)
 
 
 def virtio_names(guest: Guest, key: str) -> set[str]:
@@ -83,7 +73,7 @@ def test_set_without_wait_returns_at_once_and_the_guest_gets_there(real_vm: Gues
     report = cli(real_vm, "set", "VM", "1536M")
     assert report["target_bytes"] == 1536 * MiB
     assert report["elapsed_s"] == 0.0
-    wait_until(lambda: actual(real_vm) == 1536 * MiB, 60, "the guest to reach 1536 MiB")
+    wait_for(lambda: actual(real_vm) == 1536 * MiB, 60, "the guest to reach 1536 MiB")
 
 
 def test_set_above_ram_is_clamped_with_a_notice(real_vm: Guest) -> None:
@@ -265,7 +255,7 @@ def test_negotiate_replugs_the_balloon_and_the_guest_reprobes(real_vm: Guest) ->
     assert "VIRTIO_BALLOON_F_REPORTING" not in virtio_names(real_vm, "host-features")
     assert real_vm.driver_ok()
     # The target survived the replug, the stats period too, and the new balloon works.
-    wait_until(lambda: actual(real_vm) == 1536 * MiB, 60, "the re-probed guest to re-inflate")
+    wait_for(lambda: actual(real_vm) == 1536 * MiB, 60, "the re-probed guest to re-inflate")
     period = real_vm.execute(
         "qom-get",
         {"path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval"},

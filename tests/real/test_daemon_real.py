@@ -10,7 +10,6 @@ balanced or calm, on demand.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -21,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from balloonctl.sim.host import write_meminfo
 from balloonctl.units import parse_size
 from fixtures.guest import GiB, Guest, MiB
-from tests.cli.conftest import cli_env, json_out, run_cli
-from tests.real.conftest import BootGuest
+from tests.support.cli import cli_env, json_out, run_cli
+from tests.support.guests import BootGuest, actual
 
 #: The fake host: 16 GiB, with [policy]'s default host_low 20 %, host_high 30 %.
 HOST_TOTAL = 16 * GiB
@@ -38,24 +38,6 @@ FLOOR = 1 * GiB
 BALLOON_DEVICE = "/machine/peripheral/balloon0"
 #: Bound on any one wait for the daemon (ticks are 1 s; a 1 GiB inflate takes 1.5-2.5 s).
 WAIT_S = 30.0
-
-
-def write_host(path: Path, available: int) -> None:
-    """A /proc/meminfo for the fake host, replaced atomically (never read half-written)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        f"MemTotal:       {HOST_TOTAL // 1024} kB\n"
-        f"MemFree:        {available // 1024} kB\n"
-        f"MemAvailable:   {available // 1024} kB\n"
-    )
-    os.replace(tmp, path)
-
-
-def actual(guest: Guest) -> int:
-    """query-balloon ``actual`` on the guest's private monitor."""
-    value = guest.execute("query-balloon")["actual"]
-    assert isinstance(value, int)
-    return value
 
 
 class DaemonProcess:
@@ -107,7 +89,7 @@ StartDaemon = Callable[[Guest], DaemonProcess]
 def host_meminfo(tmp_path: Path) -> Path:
     """The fake host's meminfo, under pressure to begin with."""
     path = tmp_path / "meminfo"
-    write_host(path, PRESSURE)
+    write_meminfo(path, HOST_TOTAL, PRESSURE)
     return path
 
 
@@ -222,7 +204,7 @@ def test_host_pressure_shrinks_to_the_floor_and_calm_grows_it_back(
     assert steady and set(steady) == {FLOOR}
     assert last_update(guest) > reading  # and the guest keeps reporting
 
-    write_host(host_meminfo, CALM)
+    write_meminfo(host_meminfo, HOST_TOTAL, CALM)
     growing = watch(guest, daemon, lambda a: a == 2 * GiB, "the guest to grow back to 2 GiB")
     assert min(growing) >= FLOOR
     assert guest.meminfo()["AvailableInclPcp"] > after["AvailableInclPcp"] + 900 * MiB
@@ -272,7 +254,7 @@ def test_a_guest_under_its_own_pressure_waits_for_the_host_then_grows(
     assert actual(guest) == FLOOR
     assert not daemon.moves(), daemon.text()
 
-    write_host(host_meminfo, BALANCED)
+    write_meminfo(host_meminfo, HOST_TOTAL, BALANCED)
     deadline = time.monotonic() + WAIT_S
     while not daemon.moves():
         daemon.alive()

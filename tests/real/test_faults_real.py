@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 
 from fixtures.guest import GiB, Guest, MiB
-from tests.cli.conftest import json_out, popen_cli, run_cli
-from tests.real.test_cli_real import CLI_TIMEOUT, actual, wait_until
+from tests.support.cli import json_out, popen_cli, run_cli
+from tests.support.guests import CLI_TIMEOUT, actual, wait_for
 
 
 def test_qemu_killed_during_set_wait_reports_what_was_reached(real_vm: Guest) -> None:
     assert real_vm.pid is not None
     proc = popen_cli("--json", "set", str(real_vm.qmp_path), "128M", "--wait", "--timeout", "60")
     # Kill QEMU once the balloon is on its way (somewhere between 2 GiB and the target).
-    wait_until(lambda: actual(real_vm) < 2 * GiB - 64 * MiB, 60, "the inflate to start")
+    wait_for(lambda: actual(real_vm) < 2 * GiB - 64 * MiB, 60, "the inflate to start")
     os.kill(real_vm.pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=CLI_TIMEOUT)
     assert proc.returncode == 1, err

@@ -15,7 +15,7 @@ from typing import Any, Final
 from balloonctl.units import PAGE_SIZE
 from balloonctl.virtio import spec
 from fixtures.guest import GiB, Guest, MiB
-from tests.cli.conftest import json_out, run_cli
+from tests.support.cli import json_out, run_cli
 
 BALLOON: Final = "/machine/peripheral/balloon0"
 #: q35 with 2 GiB: everything below 4 GiB, without the legacy VGA/BIOS hole.

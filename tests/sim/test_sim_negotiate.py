@@ -20,7 +20,7 @@ import pytest
 from balloonctl.cli import vm_commands
 from balloonctl.errors import CommandFailed
 from balloonctl.sim.machine import SimMachine
-from tests.sim.conftest import running_vm
+from tests.support.machine import running_vm
 
 BALLOON = "/machine/peripheral/balloon0"
 

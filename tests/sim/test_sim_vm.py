@@ -14,8 +14,8 @@ import pytest
 from balloonctl.sim.machine import SimMachine
 from balloonctl.virtio.inspect import Decode, RingParams, parse_ring
 from balloonctl.virtio.memory import GuestMemory, Region
-from tests.sim.conftest import running_vm, wait_driver_ok
-from tests.sim.rawqmp import RawQmp
+from tests.support.machine import running_vm, wait_driver_ok
+from tests.support.qmp import RawQmp
 
 MiB = 1 << 20
 BALLOON = "/machine/peripheral/balloon0"

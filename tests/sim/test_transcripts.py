@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.sim.conftest import running_vm
-from tests.sim.rawqmp import RawQmp
+from tests.support.machine import running_vm
+from tests.support.qmp import RawQmp
 
 TRANSCRIPTS = Path(__file__).parents[2] / "fixtures" / "transcripts"
 #: One directory per recorded QEMU version, named qemu-MAJOR.MINOR.

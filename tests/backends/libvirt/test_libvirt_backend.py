@@ -18,8 +18,8 @@ from balloonctl.backends.libvirt import LibvirtBackend, normalize_stats
 from balloonctl.virtio.spec import EXTENDED_STAT_NAMES
 from fixtures.guest import build_image, reports_extended_stats
 from fixtures.libvirtd import BALLOON_BACKEND, Domain, Libvirtd
-from tests.backends.libvirt.conftest import cli
-from tests.cli.conftest import one_line_error
+from tests.support.cli import one_line_error
+from tests.support.libvirt import cli
 
 MiB = 1 << 20
 GiB = 1 << 30

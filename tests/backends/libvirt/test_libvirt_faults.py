@@ -3,26 +3,36 @@
 Each fault ends in a defined way: exit 1 with one line saying what was reached, or
 ConnectionLost followed by a working reconnect for queries. The balloon is kept from its
 target by a tmpfs the guest fills first, so the fault always lands while the wait is on
-(no race with a fast inflate).
+(no race with a fast inflate). A libvirtd that stops answering (SIGSTOP, or a socket that
+accepts and never speaks) fails the command in bounded time instead of hanging it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from balloonctl.backends.libvirt import LibvirtBackend
-from balloonctl.errors import ConnectionLost, VmUnreachable
+from balloonctl.errors import ConnectionLost, OperationTimeout, VmUnreachable
 from fixtures.libvirtd import Domain, Libvirtd
-from tests.cli.conftest import one_line_error
+from tests.support.cli import one_line_error, run_cli
 
 MiB = 1 << 20
 GiB = 1 << 30
+#: Guard against a hang (a failure, not a measured time): far above any honest run.
+HANG_GUARD_S = 120.0
 
 
 def _stuck_set(libvirtd: Libvirtd, dom: Domain) -> subprocess.Popen[str]:
@@ -129,3 +139,81 @@ def test_libvirtd_down_is_unreachable_then_back(libvirtd: Libvirtd, domain: Doma
     finally:
         libvirtd.restart()
     assert asyncio.run(attempt()) == domain.dommemstat()["actual"] * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# A libvirtd that accepts and never answers hung every command for good
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_libvirtd(run_dir: Path) -> Iterator[str]:
+    """A unix socket that accepts connections and never says a word: a stopped libvirtd
+    (its listening socket still queues connections). Yields its qemu+unix URI."""
+    path = run_dir / "libvirt-sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"qemu+unix:///session?socket={path}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "command", [["status", "web01"], ["list"], ["vring", "dump", "web01", "--queue", "stats"]]
+)
+def test_silent_libvirtd_fails_the_command_instead_of_hanging(
+    silent_libvirtd: str, command: list[str]
+) -> None:
+    """libvirt.open has no timeout: balloonctl waited for the handshake forever."""
+    result = run_cli("-c", silent_libvirtd, *command, timeout=HANG_GUARD_S)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "did not answer" in one_line_error(result.stderr)
+
+
+def test_close_after_a_timed_out_call_does_not_wait_for_a_stuck_libvirtd(
+    libvirtd: Libvirtd,
+    domain: Domain,
+) -> None:
+    """A call timed out (libvirtd stopped mid-session), then close() queued behind that
+    call on the libvirt thread and never returned: the command never printed its error."""
+    pid = libvirtd.daemon_pid
+    assert pid is not None
+
+    async def main() -> None:
+        backend = LibvirtBackend(domain.name, libvirtd.uri, command_timeout=2.0)
+        async with asyncio.timeout(HANG_GUARD_S):  # a hang guard, not a measurement
+            await backend.__aenter__()
+            assert await backend.actual() > 0
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(OperationTimeout):
+                    await backend.actual()
+                await backend.close()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+    asyncio.run(main())
+    # libvirtd serves again, and a new backend works.
+
+    async def again() -> int:
+        async with LibvirtBackend(domain.name, libvirtd.uri) as backend:
+            return await backend.actual()
+
+    assert asyncio.run(again()) > 0

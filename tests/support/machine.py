@@ -1,4 +1,6 @@
-"""Simulated VMs run in the test's own event loop, on real unix sockets."""
+"""A simulated VM in the test's own event loop (no child process), on a real unix socket,
+with a raw QMP client on it: for the simulator's own tests, which look at the machine's
+insides as well as at what it says on the wire."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 from balloonctl.sim.guest import GuestSpec
 from balloonctl.sim.machine import SimMachine, VmSpec
 from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION
-from tests.sim.rawqmp import RawQmp
+from tests.support.qmp import RawQmp
 
 
 @contextlib.asynccontextmanager

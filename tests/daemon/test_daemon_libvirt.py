@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from balloonctl.sim.host import write_meminfo
 from fixtures.libvirtd import Domain, Libvirtd
-from tests.backends.libvirt.conftest import cli
+from tests.support.libvirt import cli
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -90,7 +91,7 @@ def write_config(
 ) -> Path:
     """A daemon config on the private libvirtd, with a fake host meminfo."""
     meminfo = tmp_path / "meminfo"
-    meminfo.write_text(f"MemTotal: {HOST_TOTAL // 1024} kB\nMemAvailable: {available // 1024} kB\n")
+    write_meminfo(meminfo, HOST_TOTAL, available)
     domains = "".join(
         f'\n[[libvirt.domain]]\nname = "{name}"\nmin = "{size}"\n'
         for name, size in (floors or {}).items()
