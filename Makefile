@@ -21,6 +21,9 @@ BIN    := $(VENV)/bin
 # against Debian's packaged crate, librust-virtio-queue-dev: installed where apt knows it
 # (Debian 13; Debian 12 has no such package). Without apt lists (a fresh root) that is asked
 # after apt-get update; with lists that lack it, the release has none and nothing is updated.
+# The Prometheus rules in contrib/prometheus are checked and unit-tested with promtool: Debian
+# 13 packages it alone (promtool 2.53), Debian 12 only with the server (prometheus 2.42); only
+# the tool is wanted, so the Prometheus server that package enables on :9090 is disabled again.
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -38,6 +41,8 @@ system-deps:
 	command -v zstd >/dev/null || missing="$$missing zstd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	command -v promtool >/dev/null || { apt-cache show promtool >/dev/null 2>&1 \
+	  && missing="$$missing promtool" || missing="$$missing prometheus"; }; \
 	[ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
 	  || missing="$$missing python3-dev"; \
 	oracle=""; \
@@ -58,7 +63,9 @@ system-deps:
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
-	      $$missing; \
+	      $$missing || exit 1; \
+	    case " $$missing " in *" prometheus "*) \
+	      $$SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true;; esac; \
 	  fi; \
 	fi
 
