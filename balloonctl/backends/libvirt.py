@@ -11,11 +11,12 @@ What this module adds to libvirt-python, and why:
   a one-line message and ``raise ... from`` (:func:`_map_error`); libvirt's own printing of
   errors to stderr is switched off, so the CLI prints only its line.
   ``asyncio.CancelledError`` is never caught.
-* **No blocked event loop.** libvirt-python calls block (an RPC to libvirtd, which may wait
-  for QEMU), and events (BALLOON_CHANGE, the connection closing) need an event loop
-  implementation registered *before* a connection opens. Both are met by one thread
-  (:class:`_LibvirtThread`) running libvirt's asyncio implementation (``libvirtaio``) on a
-  private loop and making every libvirt call; the caller's loop awaits.
+* **No blocked event loop, and no host blocking another.** libvirt-python calls block (an
+  RPC to libvirtd, which may wait for QEMU, or for a network link that went dead), and
+  events (BALLOON_CHANGE, the connection closing, keepalive) need an event loop
+  implementation registered *before* a connection opens. libvirt's own default event loop
+  runs on a thread of its own, and each URI's calls are made in order on that URI's worker
+  thread (:class:`_LibvirtThread`); the caller's loop awaits.
 * **Retries, only where they are safe.** A connection libvirt reports closed (close
   callback, keepalive) is reopened before the next call. A query whose connection drops
   mid-call is retried once on a new connection; an action (``setMemoryFlags``,
@@ -48,6 +49,7 @@ import contextlib
 import functools
 import json
 import logging
+import queue
 import re
 import threading
 import xml.etree.ElementTree as ET
@@ -58,7 +60,6 @@ from typing import Final, TypeVar
 
 import libvirt
 import libvirt_qemu
-import libvirtaio
 
 from balloonctl.backends.base import MAX_READ, FeatureState, GuestStats
 from balloonctl.backends.mailbox import Mailbox
@@ -213,39 +214,27 @@ def _map_error(exc: libvirt.libvirtError, vm: str, what: str, *, idempotent: boo
 # --------------------------------------------------------------------------------------------
 
 
-class _LibvirtThread:
-    """The one thread per process that runs libvirt's event loop and makes every libvirt call.
+class _Worker:
+    """One daemon thread making libvirt calls in the order they were queued.
 
-    Why a thread of its own: libvirt takes one event loop implementation per process, for
-    good (libvirt-python raises "Event loop is already registered" on a second), registered
-    before the first connection opens; but the CLI's and the tests' asyncio loops come and
-    go. And libvirtaio is not thread-safe: its handles and timers must be touched from its
-    own loop's thread only, and libvirt touches them from inside calls (open, close, event
-    registration, keepalive). So libvirtaio runs on a private asyncio loop here, every
-    libvirt call is made on that same thread, and callers' loops only await the results
-    (never blocked by a slow libvirtd). Events are handed back with call_soon_threadsafe.
-    Calls are serialized; each is one short RPC.
+    A daemon thread, not a ThreadPoolExecutor's: a call stuck on a dead link must not keep
+    the process from exiting once its caller gave up.
     """
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
 
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            libvirtaio.virEventRegisterAsyncIOImpl(loop=self.loop)
-            ready.set()
-            self.loop.run_forever()
-
-        threading.Thread(target=main, name="balloonctl-libvirt", daemon=True).start()
-        ready.wait()
+    def _run(self) -> None:
+        while True:
+            self._queue.get()()
 
     async def call(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn()`` on the libvirt thread; its result or exception, awaited."""
+        """Run ``fn()`` on this worker; its result or exception, awaited."""
         return await asyncio.wrap_future(self.submit(fn))
 
     def submit(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
-        """Queue ``fn()`` on the libvirt thread (from any thread); its future.
+        """Queue ``fn()`` on this worker (from any thread); its future.
 
         Cancelling the future before ``fn`` starts skips it; once started it runs to the end
         (a libvirt call cannot be interrupted) and its future's callbacks run on this thread.
@@ -260,8 +249,55 @@ class _LibvirtThread:
             except BaseException as exc:  # handed to the awaiting caller, not swallowed
                 future.set_exception(exc)
 
-        self.loop.call_soon_threadsafe(run)
+        self._queue.put(run)
         return future
+
+
+class _LibvirtThread:
+    """libvirt's event loop on a thread of its own, and one call worker per URI.
+
+    Why: libvirt takes one event loop implementation per process, for good, registered
+    before the first connection opens; but the CLI's and the tests' asyncio loops come and
+    go. libvirt's default implementation is thread-safe (libvirtaio is not: its handles
+    must be touched from its loop's thread only, so every call had to be made there too),
+    so calls are made on workers while :func:`libvirt.virEventRunDefaultImpl` dispatches
+    events and keepalive on its own thread. One worker per URI, because a call in flight
+    blocks its thread until libvirtd answers: with one thread for all, a host whose link
+    went dead (no RST: the call waits for keepalive or the link's return) stopped every
+    other host's calls with it (measured on a veth moved down: the local libvirtd's calls
+    timed out for as long as the link was down). A URI's calls stay in order on its worker;
+    callers' loops only await. Events are handed back with call_soon_threadsafe.
+    """
+
+    def __init__(self) -> None:
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=self._events, name="balloonctl-libvirt-events", daemon=True).start()
+        self._lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+
+    @staticmethod
+    def _events() -> None:
+        while True:
+            try:
+                libvirt.virEventRunDefaultImpl()
+            except libvirt.libvirtError as exc:  # pragma: no cover - libvirt's poll failed
+                _LOG.debug("libvirt event loop: %s", _message(exc))
+
+    def worker(self, uri: str) -> _Worker:
+        """The worker making ``uri``'s calls, started on first use."""
+        with self._lock:
+            found = self._workers.get(uri)
+            if found is None:
+                found = self._workers[uri] = _Worker(f"balloonctl-libvirt {uri}")
+            return found
+
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn()`` on the shared worker (calls not tied to one URI's backend)."""
+        return await self.worker("").call(fn)
+
+    def submit(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        """Queue ``fn()`` on the shared worker; its future (see :meth:`_Worker.submit`)."""
+        return self.worker("").submit(fn)
 
 
 _THREAD_LOCK = threading.Lock()
@@ -269,7 +305,7 @@ _THREAD: list[_LibvirtThread] = []
 
 
 def _libvirt_thread() -> _LibvirtThread:
-    """The process's libvirt thread, started (and libvirtaio registered) on first use."""
+    """The process's libvirt event thread and workers, started on first use."""
     with _THREAD_LOCK:
         if not _THREAD:
             _THREAD.append(_LibvirtThread())
@@ -363,7 +399,7 @@ async def list_balloon_domains(uri: str, timeout: float = LIST_TIMEOUT_S) -> lis
     Bounded: a libvirtd that accepts the connection and then never answers (stopped, wedged)
     would otherwise block ``list`` for good; libvirt itself has no timeout on a call.
     """
-    pending = _libvirt_thread().submit(lambda: running_balloon_domains(uri))
+    pending = _libvirt_thread().worker(uri).submit(lambda: running_balloon_domains(uri))
     try:
         async with asyncio.timeout(timeout):
             return await asyncio.wrap_future(pending)
@@ -514,6 +550,11 @@ class LibvirtBackend(QmpVocabulary):
     def __repr__(self) -> str:
         return f"LibvirtBackend({self.name!r}, {self.uri!r})"
 
+    @property
+    def _worker(self) -> _Worker:
+        """The thread making this URI's libvirt calls: a host that hangs holds only its own."""
+        return _libvirt_thread().worker(self.uri)
+
     async def __aenter__(self) -> LibvirtBackend:
         await self._connected()
         return self
@@ -536,7 +577,7 @@ class LibvirtBackend(QmpVocabulary):
         would hang a command that has already failed, for good. The close stays queued and
         runs once the thread is free (or the process exits), so nothing leaks in a daemon.
         """
-        pending = _libvirt_thread().submit(lambda: self._close_blocking(session))
+        pending = self._worker.submit(lambda: self._close_blocking(session))
         try:
             async with asyncio.timeout(self.CLOSE_WAIT_S):
                 await asyncio.shield(asyncio.wrap_future(pending))
@@ -628,7 +669,7 @@ class LibvirtBackend(QmpVocabulary):
                     delay = min(delay * 2, 1.0)
             self._sessions += 1
             session = _Session(conn, dom, self._sessions)
-            await _libvirt_thread().call(lambda: self._watch_close(session))
+            await self._worker.call(lambda: self._watch_close(session))
             self._session = session
             self._location = None
             self._extended_stats = None  # another QEMU may be behind the domain now
@@ -641,7 +682,7 @@ class LibvirtBackend(QmpVocabulary):
         answers (stopped, wedged) it blocks for good, and so would every command. An open
         that completes after it was given up is closed on the libvirt thread.
         """
-        pending = _libvirt_thread().submit(self._open_blocking)
+        pending = self._worker.submit(self._open_blocking)
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.wrap_future(pending)
@@ -684,7 +725,7 @@ class LibvirtBackend(QmpVocabulary):
             session = await self._connected()
             try:
                 async with asyncio.timeout(self._command_timeout):
-                    return await _libvirt_thread().call(functools.partial(fn, session.dom))
+                    return await self._worker.call(functools.partial(fn, session.dom))
             except libvirt.libvirtError as exc:
                 mapped = _map_error(exc, self.name, what, idempotent=idempotent)
                 if isinstance(mapped, ConnectionLost):
@@ -752,7 +793,7 @@ class LibvirtBackend(QmpVocabulary):
             reply = await self._guest_stats_reply()
         except NoQmpCarrier:
             session = self._session
-            driver = await _libvirt_thread().call(lambda: self._driver_name(session))
+            driver = await self._worker.call(lambda: self._driver_name(session))
             why = NO_EXTENDED_STATS.format(driver=driver)
             self._extended_stats = False
             self._extended_missing = {name: why for name in EXTENDED_STAT_NAMES}
@@ -797,7 +838,7 @@ class LibvirtBackend(QmpVocabulary):
                     return int(session.conn.getVersion())
             return None
 
-        found = await _libvirt_thread().call(version)
+        found = await self._worker.call(version)
         return found is not None and found < QEMU_NAMES_EXTENDED_STATS
 
     async def _memory_stats(self) -> Mapping[str, int]:
@@ -827,9 +868,10 @@ class LibvirtBackend(QmpVocabulary):
     async def watch_actual(self) -> AsyncIterator[_ActualValues]:
         """BALLOON_CHANGE ``actual`` values (bytes) from now on, while the context lasts.
 
-        libvirt calls back on the asyncio loop (libvirtaio); the newest :attr:`WATCH_BACKLOG`
-        values are kept. The iterator ends with :class:`ConnectionLost` when the connection
-        closes: events of the gap are lost, so re-read :meth:`actual` before going on.
+        libvirt calls back on its event thread, which hands each value to this loop; the
+        newest :attr:`WATCH_BACKLOG` values are kept. The iterator ends with
+        :class:`ConnectionLost` when the connection closes: events of the gap are lost, so
+        re-read :meth:`actual` before going on.
         """
         session = await self._connected()
         values: Mailbox[int] = Mailbox(self.WATCH_BACKLOG)
@@ -838,7 +880,7 @@ class LibvirtBackend(QmpVocabulary):
         def on_balloon(
             _conn: libvirt.virConnect, _dom: libvirt.virDomain, actual_kib: int, _opaque: object
         ) -> None:
-            # libvirtaio dispatches on the loop; handing over is right from any thread.
+            # libvirt dispatches on its event thread; handing over is right from any thread.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(values.put, int(actual_kib) * 1024)
 
@@ -853,7 +895,7 @@ class LibvirtBackend(QmpVocabulary):
 
         try:
             dom = session.dom
-            callback_id = await _libvirt_thread().call(lambda: register(dom))
+            callback_id = await self._worker.call(lambda: register(dom))
         except libvirt.libvirtError as exc:
             raise _map_error(exc, self.name, "domainEventRegisterAny", idempotent=False) from exc
         try:
@@ -863,7 +905,7 @@ class LibvirtBackend(QmpVocabulary):
                 session.on_close.remove(values.wake)
             if not session.closed:
                 with contextlib.suppress(libvirt.libvirtError):
-                    await _libvirt_thread().call(
+                    await self._worker.call(
                         lambda: session.conn.domainEventDeregisterAny(callback_id)
                     )
 
@@ -898,7 +940,7 @@ class LibvirtBackend(QmpVocabulary):
         except CommandFailed as exc:
             if exc.error_class == "VIR_ERR_NO_SUPPORT":
                 session = self._session
-                driver = await _libvirt_thread().call(lambda: self._driver_name(session))
+                driver = await self._worker.call(lambda: self._driver_name(session))
                 raise NoQmpCarrier(
                     NO_PASSTHROUGH.format(vm=self.name, driver=driver, what=command),
                     error_class="VIR_ERR_NO_SUPPORT",
