@@ -18,7 +18,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from balloonctl import __version__
 from balloonctl.errors import BalloonError, GuestMemoryError, UsageError, VirtioError
@@ -80,8 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--connect",
         metavar="URI",
+        action="append",
         help="libvirt URI for VMs named by domain name or UUID (default: $LIBVIRT_DEFAULT_URI, "
-        "else qemu:///system; e.g. qemu:///session, qemu+ssh://HOST/system)",
+        "else qemu:///system; e.g. qemu:///session, qemu+ssh://HOST/system); repeated, "
+        "list/status/stats ask every URI at once, with a HOST column",
+    )
+    parser.add_argument(
+        "--hosts",
+        metavar="FILE",
+        help="inventory of hosts for list/status/stats (TOML: [[host]] name, and uri or "
+        "qmp_dir); asked at once, with -c URIs if any",
     )
     parser.add_argument(
         "--config",
@@ -210,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="hotplug",
         action="store_false",
         help="put the balloon on pcie.0, which cannot hotplug (negotiate then refuses)",
+    )
+    sim.add_argument(
+        "--broken-stats",
+        choices=["virtio-win", "frozen", "negative", "absurd"],
+        default=None,
+        help="report statistics as a broken guest does: virtio-win (every value 2**64-1, "
+        "last-update frozen), frozen (the first report forever), negative or absurd "
+        "available-memory",
     )
     _qemu_version_option(sim)
     sim.set_defaults(func=_cmd_sim)
@@ -416,11 +432,71 @@ def _config(args: argparse.Namespace) -> Any:
     return load(args.config)
 
 
+#: The commands that take several hosts; every other one is about one VM.
+_MULTI_HOST_COMMANDS: Final = ("list", "status", "stats")
+
+
+def _many_hosts(args: argparse.Namespace) -> bool:
+    """Several ``-c``, or ``--hosts``: the multi-host form (one ``-c`` is as it always was)."""
+    return len(args.connect or ()) > 1 or args.hosts is not None
+
+
+def _cmd_on_hosts(
+    args: argparse.Namespace,
+    work: Callable[[Any], Any],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    local: bool = False,
+) -> int:
+    """Run ``work`` on every host at once; print the merged report; exit 1 if a host failed.
+
+    Each failed host is one line in the table (and its error in ``hosts`` of --json), and
+    one summary line on stderr names them all, so a script sees the failure either way.
+    """
+    from balloonctl.cli import hosts, vm_commands  # noqa: PLC0415
+
+    chosen = hosts.select_hosts(args.connect or [], args.hosts)
+    if local:
+        name = hosts.LOCAL_HOST
+        chosen.append(hosts.Host(name if name not in {h.name for h in chosen} else f"({name})"))
+    # Loaded once here, before the fork: each child then starts in milliseconds.
+    if any(host.uri is not None for host in chosen):
+        with contextlib.suppress(ImportError):  # each host then says what is missing
+            import balloonctl.backends.libvirt  # noqa: PLC0415
+    if any(host.uri is None for host in chosen):
+        import balloonctl.backends.qmp  # noqa: F401, PLC0415
+    outcomes = hosts.run_on_hosts(chosen, work)
+    for outcome in outcomes:
+        for line in outcome.notice.splitlines():
+            print(
+                f"balloonctl: {outcome.host.name}: {line.removeprefix('balloonctl: ')}",
+                file=sys.stderr,
+            )
+    _emit(args, vm_commands.merge_hosts(outcomes), render)
+    failed = [outcome.host.name for outcome in outcomes if outcome.error is not None]
+    if failed:
+        print(
+            f"balloonctl: error: {len(failed)} of {len(outcomes)} hosts did not answer: "
+            + ", ".join(failed),
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
     from balloonctl.cli import vm_commands  # noqa: PLC0415
 
+    if _many_hosts(args):
+        config = _config(args)
+        return _cmd_on_hosts(
+            args,
+            lambda host: vm_commands.host_list(host, config, args.qmp_dir),
+            vm_commands.render_hosts_list,
+            local=bool(config.vms) or args.qmp_dir is not None,
+        )
     report = asyncio.run(vm_commands.list_vms(_config(args), args.qmp_dir))
     return _emit(args, report, vm_commands.render_list)
 
@@ -430,6 +506,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from balloonctl.cli import vm_commands  # noqa: PLC0415
 
+    if _many_hosts(args):
+        vm_commands.check_multi_host_vm(args.vm)
+        return _cmd_on_hosts(
+            args,
+            lambda host: vm_commands.host_status(host, args.vm),
+            vm_commands.render_hosts_status,
+        )
     return _emit(args, asyncio.run(vm_commands.status(_address(args))), vm_commands.render_status)
 
 
@@ -478,6 +561,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     from balloonctl.cli import vm_commands  # noqa: PLC0415
 
+    if _many_hosts(args):
+        if args.watch:
+            raise UsageError("stats --watch follows one VM on one host (one -c URI at most)")
+        vm_commands.check_multi_host_vm(args.vm)
+        return _cmd_on_hosts(
+            args,
+            lambda host: vm_commands.host_stats(host, args.vm, args.period),
+            vm_commands.render_hosts_stats,
+        )
     if not args.watch:
         report = asyncio.run(vm_commands.stats(_address(args), args.period))
         return _emit(args, report, vm_commands.render_stats)
@@ -523,7 +615,7 @@ def _cmd_negotiate(args: argparse.Namespace) -> int:
 
 def _cmd_vring_parse(args: argparse.Namespace) -> int:
     """Parse one queue of a ring image; exit 3 on a ring-level finding."""
-    from balloonctl.virtio.inspect import Decode, RingParams, render_ring_json  # noqa: PLC0415
+    from balloonctl.virtio.inspect import Decode, RingParams, write_ring_json  # noqa: PLC0415
     from balloonctl.virtio.memory import GuestMemory, Region  # noqa: PLC0415
 
     try:
@@ -540,9 +632,10 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
     # the cyclic collector would rescan them over and over (3.5 of 10 s measured). Off.
     gc.disable()
     with GuestMemory([region]) as mem:
-        text, finding = render_ring_json(mem, params, Decode(args.decode))
-    # vring parse is a machine-readable diagnostic: JSON with or without --json.
-    sys.stdout.write(text + "\n")
+        # Streamed a batch of chains at a time: a legal ring prints 80 MB of JSON.
+        # vring parse is a machine-readable diagnostic: JSON with or without --json.
+        finding = write_ring_json(mem, params, Decode(args.decode), sys.stdout.write)
+    sys.stdout.write("\n")
     return EXIT_FINDING if finding else EXIT_OK
 
 
@@ -631,6 +724,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         rate=args.rate,
         hotplug=args.hotplug,
         qemu_version=_resolved_qemu_version(args),
+        broken_stats=args.broken_stats,
     )
     vms = layout(base, args.qmp, args.count, args.qmp_dir, args.workloads)
     try:
@@ -809,13 +903,22 @@ def _run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="balloonctl: %(levelname)s: %(message)s",
     )
-    if args.connect is not None:
-        if not args.connect.strip():
-            print("balloonctl: error: -c/--connect needs a URI", file=sys.stderr)
-            return EXIT_USAGE
+    connects: list[str] = args.connect or []
+    if any(not uri.strip() for uri in connects):
+        print("balloonctl: error: -c/--connect needs a URI", file=sys.stderr)
+        return EXIT_USAGE
+    if _many_hosts(args) and args.command not in _MULTI_HOST_COMMANDS:
+        given = "--hosts" if args.hosts is not None else "several -c"
+        print(
+            f"balloonctl: error: {args.command} is about one VM on one host: {given} works "
+            f"with {', '.join(_MULTI_HOST_COMMANDS)} only",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if len(connects) == 1:
         from balloonctl.cli.vm_commands import CONNECT_URI  # noqa: PLC0415 (only with -c: lean status)
 
-        CONNECT_URI.set(args.connect)
+        CONNECT_URI.set(connects[0])
     try:
         code: int = args.func(args)
     except BalloonError as exc:

@@ -8,13 +8,14 @@ imports numpy or the guest model: a ``status`` pays only for asyncio and qemu.qm
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from balloonctl.backends.base import Backend, FeatureState, GuestStats
 from balloonctl.backends.open import open_backend
@@ -27,6 +28,9 @@ from balloonctl.errors import (
 )
 from balloonctl.units import PAGE_SIZE, format_size
 from balloonctl.virtio.spec import BYTE_STATS
+
+if TYPE_CHECKING:
+    from balloonctl.cli.hosts import Host, HostOutcome
 
 #: set --wait polls query-balloon this often: completion is seen within tens of ms, not at
 #: the next BALLOON_CHANGE, which QEMU throttles to one a second.
@@ -435,21 +439,25 @@ async def negotiate(vm: str, enable: list[str], disable: list[str]) -> dict[str,
 # --- list ---------------------------------------------------------------------------------
 async def list_vms(config: Config, qmp_dir: str | None) -> dict[str, Any]:
     """Configured VMs (and the sockets in ``qmp_dir``), each with what it answers now."""
-    entries: list[tuple[str, str]] = [(vm.name, vm.qmp) for vm in config.vms]
+    rows = await _qmp_rows([(vm.name, vm.qmp) for vm in config.vms], qmp_dir)
+    if libvirt_requested():
+        rows += await _libvirt_rows(libvirt_uri())
+    return {"vms": rows}
+
+
+async def _qmp_rows(entries: list[tuple[str, str]], qmp_dir: str | None) -> list[dict[str, Any]]:
+    """``entries`` (name, QMP address) then every ``qmp_dir/*.sock``, each probed at once."""
     if qmp_dir is not None:
         try:
             found = sorted(os.listdir(qmp_dir))
         except OSError as exc:
             raise UsageError(f"cannot list {qmp_dir}: {exc.strerror}") from exc
-        entries += [
+        entries = entries + [
             (name.removesuffix(".sock"), os.path.join(qmp_dir, name))
             for name in found
             if name.endswith(".sock")
         ]
-    rows = list(await asyncio.gather(*(_probe(name, address) for name, address in entries)))
-    if libvirt_requested():
-        rows += await _libvirt_rows(libvirt_uri())
-    return {"vms": rows}
+    return list(await asyncio.gather(*(_probe(name, address) for name, address in entries)))
 
 
 async def _libvirt_rows(uri: str) -> list[dict[str, Any]]:
@@ -508,3 +516,179 @@ def render_list(report: dict[str, Any]) -> str:
         ram = format_size(row["max_bytes"]) if row["max_bytes"] is not None else "-"
         lines.append(f"{row['vm']:<16}{row['state']:<12}{actual:>12}{ram:>12}  {row['address']}")
     return "\n".join(lines) + "\n"
+
+
+# --- many hosts: list, status, stats with several -c URI and/or --hosts FILE ----------------
+# Each function below is one host's share, run by balloonctl.cli.hosts.run_on_hosts (in a
+# child process of its own); merge_hosts puts the hosts' answers together.
+
+
+def _on_host(host: Host) -> None:
+    """Point ``open_vm`` at ``host``'s libvirt (the context is the host's own task's)."""
+    if host.uri is not None:
+        CONNECT_URI.set(host.uri)
+
+
+def host_vm_address(host: Host, vm: str) -> str:
+    """VM ``vm`` on ``host``: a domain name or UUID on its URI, or ``qmp_dir/vm.sock``."""
+    if host.qmp_dir is not None:
+        return os.path.join(host.qmp_dir, f"{vm}.sock")
+    return vm
+
+
+def check_multi_host_vm(vm: str) -> None:
+    """With several hosts a VM is named, never addressed: a socket path or ``tcp:`` address
+    would be the same VM on every row (exit 2 before anything is asked)."""
+    from balloonctl.backends.open import backend_kind  # noqa: PLC0415
+
+    if backend_kind(vm) == "qmp":
+        raise UsageError(
+            f"{vm} is a QMP address; with several hosts, VM is a libvirt domain name or UUID "
+            "(or NAME of a qmp_dir host's NAME.sock)"
+        )
+
+
+async def host_list(host: Host, config: Config, qmp_dir: str | None) -> tuple[dict[str, Any], str]:
+    """One host's ``list`` rows: a URI's running domains with a balloon, a qmp_dir's sockets,
+    or (the ``local`` host) the ``[[vm]]`` entries and ``--qmp-dir``'s sockets."""
+    if host.uri is not None:
+        return {"vms": await _libvirt_rows(host.uri)}, ""
+    if host.qmp_dir is not None:
+        return {"vms": await _qmp_rows([], host.qmp_dir)}, ""
+    return {"vms": await _qmp_rows([(vm.name, vm.qmp) for vm in config.vms], qmp_dir)}, ""
+
+
+async def host_status(host: Host, vm: str) -> tuple[dict[str, Any], str]:
+    """One host's ``status`` of VM ``vm``."""
+    _on_host(host)
+    report = await status(host_vm_address(host, vm))
+    report["vm"] = vm
+    return report, ""
+
+
+async def host_stats(host: Host, vm: str, period: int | None) -> tuple[dict[str, Any], str]:
+    """One host's ``stats`` of VM ``vm``; its notice (polling turned on) is handed back so
+    that the parent prints it once, with the host's name."""
+    _on_host(host)
+    notice = io.StringIO()
+    report = await stats(host_vm_address(host, vm), period, notice)
+    report["vm"] = vm
+    return report, notice.getvalue()
+
+
+def merge_hosts(outcomes: list[HostOutcome]) -> dict[str, Any]:
+    """The multi-host ``--json`` object (docs/contracts.md, "Many hosts")::
+
+        {"vms": [{"host", ...the one-host object...}, ...],
+         "hosts": [{"host", "address", "error"}, ...]}
+
+    ``vms`` holds ``list``'s rows or one ``status``/``stats`` object per host that answered;
+    ``hosts`` every host asked, in order, ``error`` null when it answered.
+    """
+    rows: list[dict[str, Any]] = []
+    hosts: list[dict[str, Any]] = []
+    for outcome in outcomes:
+        name = outcome.host.name
+        hosts.append({"host": name, "address": outcome.host.address, "error": outcome.error})
+        if outcome.report is None:
+            continue
+        items = outcome.report.get("vms", [outcome.report])
+        rows += [{"host": name, **item} for item in items]
+    return {"vms": rows, "hosts": hosts}
+
+
+def _host_table(
+    report: dict[str, Any], header: list[str], cells: Callable[[Any], list[str]]
+) -> str:
+    """Rows grouped by host in the order asked; a host that failed is one line, its error."""
+    table = [header] + [[row["host"], *cells(row)] for row in report["vms"]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    # Left-aligned names, right-aligned numbers: a column is numeric if its header says so.
+    right = {i for i, title in enumerate(header) if title in _NUMERIC_COLUMNS}
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(line)
+        ).rstrip()
+
+    by_host: dict[str, list[str]] = {}
+    for line in table[1:]:
+        by_host.setdefault(line[0], []).append(fmt(line))
+    out = [fmt(header)]
+    for host in report["hosts"]:
+        if host["error"] is not None:
+            out.append(f"{host['host'].ljust(widths[0])}  error: {host['error']}")
+        else:
+            out += by_host.get(host["host"], [])
+    return "\n".join(out) + "\n"
+
+
+_NUMERIC_COLUMNS: Final = frozenset(
+    {"ACTUAL", "MAX", "BALLOON", "UPDATED", "TOTAL", "AVAILABLE", "FREE", "CACHES", "SWAP-OUT"}
+    | {"MAJ-FAULTS", "STATS"}
+)
+
+
+def _size_or_dash(value: int | None) -> str:
+    return format_size(value) if value is not None else "-"
+
+
+def render_hosts_list(report: dict[str, Any]) -> str:
+    """``list`` across hosts: a HOST column, then ``list``'s columns but ADDRESS (for a
+    libvirt row it is the host's URI again; every row's address is in --json)."""
+    return _host_table(
+        report,
+        ["HOST", "VM", "STATE", "ACTUAL", "MAX"],
+        lambda r: [
+            r["vm"],
+            r["state"],
+            _size_or_dash(r["actual_bytes"]),
+            _size_or_dash(r["max_bytes"]),
+        ],
+    )
+
+
+def render_hosts_status(report: dict[str, Any]) -> str:
+    """``status`` across hosts: one row per host (the acked features are in --json)."""
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        age = r["stats_age_s"]
+        return [
+            r["vm"],
+            format_size(r["actual_bytes"]),
+            format_size(r["max_bytes"]),
+            format_size(max(0, r["max_bytes"] - r["actual_bytes"])),
+            r["features"]["profile"],
+            "yes" if r["features"]["driver_ok"] else "no",
+            f"{age} s" if age is not None else "never",
+        ]
+
+    header = ["HOST", "VM", "ACTUAL", "MAX", "BALLOON", "PROFILE", "DRIVER", "STATS"]
+    return _host_table(report, header, cells)
+
+
+def render_hosts_stats(report: dict[str, Any]) -> str:
+    """``stats`` across hosts: the memory a person compares between hosts, one row per host
+    (every statistic is in --json)."""
+    columns = (
+        ("TOTAL", "total-memory"),
+        ("AVAILABLE", "available-memory"),
+        ("FREE", "free-memory"),
+        ("CACHES", "disk-caches"),
+        ("SWAP-OUT", "swap-out"),
+        ("MAJ-FAULTS", "major-faults"),
+    )
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        last = r["last_update"]
+        line = [r["vm"], f"{max(0.0, time.time() - last):.1f} s" if last else "never"]
+        for _title, name in columns:
+            value = r["stats"].get(name)
+            if value is None:
+                line.append("-")
+            else:
+                line.append(format_size(value) if name in MEMORY_STATS else str(value))
+        return line
+
+    return _host_table(report, ["HOST", "VM", "UPDATED", *(t for t, _ in columns)], cells)
