@@ -13,6 +13,8 @@ The tree::
     |                               the device code, which checks bounds first
     +-- NegotiationError            the device refuses FEATURES_OK (spec 2.2.1, 3.1.1)
     +-- PeerError                   QEMU or libvirt answered something balloonctl cannot use
+    |   +-- BadStatistics           guest statistics no guest can have (negative, not a
+    |                               number): the VM answers, its reading is unusable
     +-- VmUnreachable               no connection to the VM's QMP socket or libvirt (exit 1)
     |   +-- ConnectionLost          an established connection dropped mid-operation
     +-- CommandFailed               the VM refused a command: QMP/libvirt error, class + text
@@ -86,6 +88,13 @@ class NegotiationError(BalloonError):
 class PeerError(BalloonError):
     """A peer (QEMU, libvirt) answered with something malformed: the operation failed,
     the user did nothing wrong (exit 1, not 2)."""
+
+
+class BadStatistics(PeerError):
+    """A reading of the guest's statistics holds a value no guest can have (negative, not
+    an integer). A command line gets the PeerError it always got (exit 1); the daemon tells
+    it apart from a broken connection, and holds the VM rather than marking it down: the
+    VM answered, only its report is unusable."""
 
 
 class VmUnreachable(BalloonError):

@@ -74,6 +74,7 @@ from balloonctl.backends.qmpvocab import (
     refusal,
 )
 from balloonctl.errors import (
+    BadStatistics,
     BalloonError,
     CommandFailed,
     ConnectionLost,
@@ -368,7 +369,7 @@ def normalize_stats(raw: Mapping[str, int]) -> GuestStats:
         if mapped is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise PeerError(f"libvirt memoryStats: {key!r} is not a non-negative integer")
+            raise BadStatistics(f"libvirt memoryStats: {key!r} is not a non-negative integer")
         name, scale = mapped
         stats[name] = value * scale
     last = raw.get("last_update", 0)
@@ -429,6 +430,161 @@ def running_balloon_domains(uri: str) -> list[DomainRow]:
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
+
+
+#: libvirt job operations that are a migration (virDomainJobOperation, libvirt 3.3+).
+_MIGRATION_OPERATIONS: Final = frozenset(
+    {libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN, libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT}
+)
+
+
+def migration_from_job(job: Mapping[str, object]) -> bool:
+    """Whether ``virDomainGetJobStats`` (``dom.jobStats()``) says the domain is migrating.
+
+    ``type`` VIR_DOMAIN_JOB_NONE (or no ``type``): no job, not migrating. An active job
+    (BOUNDED, UNBOUNDED) is a migration when its ``operation`` is MIGRATION_IN or
+    MIGRATION_OUT; a job whose operation libvirt does not say (before 3.3, or an operation
+    number this table does not know) counts as migrating, as unknown means hold; a save,
+    dump or snapshot job does not. A finished job (COMPLETED, FAILED, CANCELLED: only with
+    VIR_DOMAIN_JOB_STATS_COMPLETED, not asked for here) is not a migration in flight.
+    """
+    kind = job.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
+    if kind not in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
+        return False
+    operation = job.get("operation")
+    if not isinstance(operation, int) or isinstance(operation, bool):
+        return True
+    known = (
+        libvirt.VIR_DOMAIN_JOB_OPERATION_START,
+        libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE,
+        libvirt.VIR_DOMAIN_JOB_OPERATION_RESTORE,
+        libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT,
+        libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT_REVERT,
+        libvirt.VIR_DOMAIN_JOB_OPERATION_DUMP,
+    )
+    return operation in _MIGRATION_OPERATIONS or operation not in known
+
+
+#: Lifecycle events after which the set of running domains may have changed.
+DOMAIN_SET_EVENTS: Final = frozenset(
+    {
+        libvirt.VIR_DOMAIN_EVENT_STARTED,
+        libvirt.VIR_DOMAIN_EVENT_STOPPED,
+        libvirt.VIR_DOMAIN_EVENT_UNDEFINED,
+        libvirt.VIR_DOMAIN_EVENT_CRASHED,
+    }
+)
+
+
+class DomainEvents:
+    """Lifecycle events of every domain on one URI, for the daemon's domain discovery.
+
+    One connection of its own, with one VIR_DOMAIN_EVENT_ID_LIFECYCLE callback for all
+    domains: a domain started, stopped, crashed or undefined calls ``on_change(name)`` on
+    the caller's loop, so the daemon rescans at once rather than at its next periodic rescan
+    (which stays, as a safety net for events lost while this connection was down).
+    :attr:`alive` turns False when libvirt reports the connection closed; the daemon opens
+    a new one at its next rescan.
+    """
+
+    def __init__(self, uri: str, on_change: Callable[[str], None]) -> None:
+        self.uri = uri
+        self._on_change = on_change
+        self._conn: libvirt.virConnect | None = None
+        self._callback: int | None = None
+        self._closed = False
+
+    @property
+    def alive(self) -> bool:
+        """Open, and libvirt has not reported the connection closed."""
+        return self._conn is not None and not self._closed
+
+    async def open(self, timeout: float) -> None:
+        """Connect and register the callback (VmUnreachable, OperationTimeout if not)."""
+        loop = asyncio.get_running_loop()
+
+        def changed(name: str) -> None:
+            self._on_change(name)
+
+        def on_lifecycle(
+            _conn: libvirt.virConnect,
+            dom: libvirt.virDomain,
+            event: int,
+            _detail: int,
+            _opaque: object,
+        ) -> None:
+            if event in DOMAIN_SET_EVENTS:
+                with contextlib.suppress(RuntimeError):  # the loop has ended
+                    loop.call_soon_threadsafe(changed, dom.name())
+
+        def on_close(_conn: libvirt.virConnect, _reason: int, _opaque: object) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._mark_closed)
+
+        def register() -> tuple[libvirt.virConnect, int]:
+            conn = open_connection(self.uri)
+            try:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.registerCloseCallback(on_close, None)
+                callback = conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None
+                )
+            except libvirt.libvirtError as exc:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+                raise _map_error(exc, self.uri, "domainEventRegisterAny", idempotent=False) from exc
+            return conn, int(callback)
+
+        pending = _libvirt_thread().submit(register)
+        try:
+            async with asyncio.timeout(timeout):
+                conn, callback = await asyncio.wrap_future(pending)
+        except TimeoutError as exc:
+            pending.add_done_callback(_close_registered)
+            raise OperationTimeout(
+                f"libvirt at {self.uri} did not answer within {timeout:g} s"
+            ) from exc
+        self._conn, self._callback = conn, callback
+        self._closed = False
+
+    def _mark_closed(self) -> None:
+        self._closed = True
+
+    async def close(self) -> None:
+        """Deregister and hang up (on the libvirt thread; not waited for beyond a moment)."""
+        conn, self._conn = self._conn, None
+        callback, self._callback = self._callback, None
+        if conn is None:
+            return
+
+        def close() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if callback is not None:
+                    conn.domainEventDeregisterAny(callback)
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+        pending = _libvirt_thread().submit(close)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LibvirtBackend.CLOSE_WAIT_S):
+                await asyncio.shield(asyncio.wrap_future(pending))
+
+
+def _close_registered(future: concurrent.futures.Future[tuple[libvirt.virConnect, int]]) -> None:
+    """Close an event connection whose open completed after its caller gave up waiting."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    conn, callback = future.result()
+
+    def close() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventDeregisterAny(callback)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    _libvirt_thread().submit(close)
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,6 +975,24 @@ class LibvirtBackend(QmpVocabulary):
                 return reading
         extended = {name: qemu.stats[name] for name in EXTENDED_STAT_NAMES if name in qemu.stats}
         return replace(reading, stats={**reading.stats, **extended})
+
+    async def migrating(self) -> bool:
+        """Whether the domain is migrating now: its job (``jobStats()``, mapped by
+        :func:`migration_from_job`). libvirtd answers from its own job bookkeeping (it asks
+        QEMU only while a migration runs). A driver without jobs (VIR_ERR_NO_SUPPORT) has
+        no migration to report: False."""
+
+        def job(dom: libvirt.virDomain) -> Mapping[str, object] | None:
+            try:
+                stats: Mapping[str, object] = dom.jobStats()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                    return None
+                raise
+            return stats
+
+        found = await self._call("jobStats", job, idempotent=True)
+        return found is not None and migration_from_job(found)
 
     async def _qemu_before_9_2(self) -> bool:
         """Whether libvirt's QEMU driver runs a QEMU too old to name tags 10-15 (before 9.2).

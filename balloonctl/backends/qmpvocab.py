@@ -32,6 +32,7 @@ from typing import Final
 
 from balloonctl.backends.base import FeatureState, GuestRam, GuestStats, QueueStatus
 from balloonctl.errors import (
+    BadStatistics,
     BalloonError,
     CommandFailed,
     OperationTimeout,
@@ -48,6 +49,7 @@ _QUERIES: Final = frozenset(
     {
         "query-balloon",
         "query-memory-size-summary",
+        "query-migrate",
         "query-status",
         "query-version",
         "qom-get",
@@ -191,8 +193,9 @@ def decode_guest_stats(reply: object) -> GuestStats:
 
     QEMU answers ``{"stats": {"stat-free-memory": N, ...}, "last-update": EPOCH_S}``
     (hw/virtio/virtio-balloon.c balloon_stats_get_all). Names lose ``stat-`` (docs/contracts.md),
-    statistics the guest does not report (-1) are dropped, and anything that is not a
-    non-negative integer is a :class:`PeerError`: a daemon must not act on a guessed number.
+    statistics the guest does not report (-1) are dropped, and a value that is not a
+    non-negative integer is a :class:`BadStatistics` (a :class:`PeerError`): a daemon must
+    not act on a guessed number, and holds the VM instead (the VM itself answered).
 
     Every name QEMU gives is kept, so tags 10-15 (``stat-oom-kills`` ...
     ``stat-direct-reclaims``, QEMU 9.2+) come through as ``oom-kills`` ... ``direct-reclaims``
@@ -205,14 +208,37 @@ def decode_guest_stats(reply: object) -> GuestStats:
     stats: dict[str, int] = {}
     for key, value in raw.items():
         if not _is_int(value):
-            raise PeerError(f"qom-get guest-stats: {key!r} is not an integer")
+            raise BadStatistics(f"qom-get guest-stats: {key!r} is not an integer")
         assert isinstance(value, int)
         if value in _UNSUPPORTED_STAT:
             continue
         if value < 0:
-            raise PeerError(f"qom-get guest-stats: {key!r} is negative ({value})")
+            raise BadStatistics(f"qom-get guest-stats: {key!r} is negative ({value})")
         stats[key.removeprefix("stat-")] = value
     return GuestStats(last_update=last_update, stats=stats)
+
+
+#: ``query-migrate`` statuses of a VM that is not migrating now (qapi/migration.json
+#: MigrationStatus): never started (QEMU answers ``{}`` then, or "none"), or over.
+_MIGRATION_OVER: Final = frozenset({"none", "completed", "failed", "cancelled"})
+
+
+def decode_migration_active(reply: object) -> bool:
+    """``query-migrate`` -> whether a migration is under way (source or destination side).
+
+    QEMU answers ``{}`` before any migration (qmp_query_migrate fills ``status`` only once
+    one ran) and ``{"status": S, ...}`` after. Every status but none, completed, failed and
+    cancelled is a migration in flight (setup, active, pre-switchover, device,
+    postcopy-*, wait-unplug, colo, cancelling); a status this list does not know counts as
+    migrating, so that an unknown state holds the VM rather than moving it.
+    """
+    obj = _as_object(reply, "query-migrate")
+    status = obj.get("status")
+    if status is None:
+        return False
+    if not isinstance(status, str):
+        raise PeerError("query-migrate: 'status' is not a string")
+    return status not in _MIGRATION_OVER
 
 
 def names_extended_stats(reply: object) -> bool:
@@ -537,6 +563,19 @@ class QmpVocabulary:
     async def stats(self) -> GuestStats:
         """``qom-get guest-stats`` of the balloon, normalized (:func:`decode_guest_stats`)."""
         return decode_guest_stats(await self._guest_stats_reply())
+
+    async def migrating(self) -> bool:
+        """Whether the VM is migrating now (``query-migrate``, :func:`decode_migration_active`).
+
+        A peer without the command (CommandNotFound: not a QEMU, or a stub) cannot migrate
+        through it: False."""
+        try:
+            reply = await self._execute("query-migrate")
+        except CommandFailed as exc:
+            if exc.error_class == "CommandNotFound":
+                return False
+            raise
+        return decode_migration_active(reply)
 
     async def stats_period(self) -> int:
         """``guest-stats-polling-interval`` in seconds (0: off)."""

@@ -57,6 +57,17 @@ class DaemonConfig:
     #: Seconds to connect to one VM, and for one command.
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
+    #: On stop, give every VM the daemon shrank its RAM back. Off by default: a restart or
+    #: an upgrade of the daemon would then inflate the whole fleet's guests at once and take
+    #: that memory from a host that may be short of it (the reason they were shrunk), which
+    #: can push it into the OOM killer; a daemon that starts again picks up where it was.
+    restore: bool = False
+    #: With ``restore``: at most this many bytes handed back per second, all VMs together
+    #: (a VM far below its RAM gets it back in steps).
+    restore_rate: int = 1 << 30
+    #: With ``restore``: seconds the restore may take; what is left then stays shrunk (and
+    #: is logged). Below the unit's TimeoutStopSec (30 s), or systemd kills the daemon first.
+    restore_timeout: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,11 @@ class Config:
     host: HostConfig = field(default_factory=HostConfig)
     libvirt: LibvirtConfig | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @property
+    def manages_nothing(self) -> bool:
+        """No ``[[vm]]`` and no ``[libvirt]``: a daemon would have nothing to manage."""
+        return not self.vms and self.libvirt is None
 
     def find(self, vm: str) -> VmConfig | None:
         """The entry a VM name (entry name, socket path or ``unix:`` address) refers to.
@@ -341,7 +357,26 @@ def _daemon(path: str, table: dict[str, Any]) -> DaemonConfig:
         command_timeout=_number(
             f"{where}.command_timeout", table.get("command_timeout", base.command_timeout), 0.1, 600
         ),
+        restore=_bool(f"{where}.restore", table.get("restore", base.restore)),
+        restore_rate=_rate(f"{where}.restore_rate", table.get("restore_rate", base.restore_rate)),
+        restore_timeout=_number(
+            f"{where}.restore_timeout", table.get("restore_timeout", base.restore_timeout), 0, 3600
+        ),
     )
+
+
+def _bool(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false")
+    return value
+
+
+def _rate(where: str, value: object) -> int:
+    """Bytes a second: a size, at least one MiB (anything slower would restore nothing)."""
+    size = _size(where, value)
+    if size < 1 << 20:
+        raise ConfigError(f'{where}: must be at least 1M (bytes a second, such as "1G")')
+    return size
 
 
 def _host(path: str, table: dict[str, Any]) -> HostConfig:

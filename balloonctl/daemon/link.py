@@ -22,13 +22,13 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 from balloonctl.backends.base import ActualWatch, Backend, GuestStats
 from balloonctl.backends.open import open_backend
 from balloonctl.daemon.config import Config
 from balloonctl.daemon.policy import Decision, VmMemory, VmState
-from balloonctl.errors import BalloonError
+from balloonctl.errors import BadStatistics, BalloonError
 from balloonctl.units import format_size
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,17 @@ def members(config: Config, domains: Iterable[str]) -> list[Member]:
     return out
 
 
+@runtime_checkable
+class MigrationAware(Protocol):
+    """A backend that can say whether its VM is migrating (QMP's ``query-migrate``,
+    libvirt's job). Not part of :class:`~balloonctl.backends.base.Backend`: the daemon's
+    fakes and a backend that cannot tell are taken as not migrating, as before."""
+
+    async def migrating(self) -> bool:
+        """Whether a migration of the VM is under way."""
+        ...
+
+
 #: How a Link gets its backend; tests and the bench pass their own.
 BackendFactory = Callable[[Member, Config], Backend]
 
@@ -171,6 +182,15 @@ class Link:
         #: The collection in progress (a VM that hangs keeps its own task, not the tick).
         self.busy: asyncio.Task[bool] | None = None
         self.last_reason_kind = ""
+        #: Why the last reading of the statistics was refused (BadStatistics), None if not:
+        #: the policy holds the VM for it (held "bad-stats"); the VM stays up.
+        self.stats_error: str | None = None
+        #: Whether the VM was migrating when last asked. Asked before every move and, while
+        #: True, every tick (to see it end): a steady fleet pays no extra command a tick.
+        self.migrating = False
+        #: The (floor, RAM) last warned about as a floor above the VM's RAM: warned once,
+        #: and again only if either changes.
+        self._floor_warned: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -203,6 +223,7 @@ class Link:
     def state(self, now_wall: float) -> VmState:
         """What the policy needs, as of this tick."""
         assert self.actual is not None
+        self._check_floor()
         stats = self.stats
         usable = stats is not None and stats.last_update > 0
         return VmState(
@@ -215,8 +236,40 @@ class Link:
             stats_age=now_wall - stats.last_update if usable and stats is not None else math.inf,
             deflate_on_oom=self.deflate_on_oom,
             memory=self.memory,
+            migrating=self.migrating,
             polling_off=self.polling is False,
+            stats_error=self.stats_error,
         )
+
+    def _check_floor(self) -> None:
+        """A floor above the VM's RAM is a configuration mistake: the policy clamps it to
+        the RAM (the VM is never shrunk at all), which nobody would notice. Warned once."""
+        floor, maximum = self.member.floor, self.maximum
+        if maximum <= 0 or floor <= maximum:
+            self._floor_warned = None
+            return
+        if self._floor_warned != (floor, maximum):
+            self._floor_warned = (floor, maximum)
+            log.warning(
+                "%s: configuration: floor %s is above the VM's RAM %s; "
+                "the VM is never shrunk (the floor is taken as its RAM)",
+                self.name,
+                format_size(floor),
+                format_size(maximum),
+            )
+
+    async def check_migrating(self) -> bool:
+        """Ask the backend whether the VM migrates (False if it cannot tell); remembered in
+        :attr:`migrating`. A failure is the VM's (BalloonError, as any command's)."""
+        backend = self.backend
+        if isinstance(backend, MigrationAware):
+            was = self.migrating
+            self.migrating = await backend.migrating()
+            if self.migrating != was:
+                log.info(
+                    "%s: %s", self.name, "migrating: held" if self.migrating else "migration over"
+                )
+        return self.migrating
 
     async def collect(
         self,
@@ -249,7 +302,9 @@ class Link:
                 await self._ensure_polling(backend, config, dry_run=dry_run)
             elif phase % RESYNC_TICKS == 0:
                 self.actual = await backend.actual()
-            self.stats = await backend.stats() if self.polling else None
+            await self.read_stats(backend)
+            if self.migrating:
+                await self.check_migrating()
         except BalloonError as exc:
             await self.mark_down(str(exc))
             return False
@@ -258,6 +313,22 @@ class Link:
             self.down_reason = None
         self.connect_failures = 0
         return True
+
+    async def read_stats(self, backend: Backend) -> None:
+        """This tick's reading; one the backend refused as impossible (BadStatistics) is
+        kept as :attr:`stats_error` for the policy to hold on, not a reason to hang up."""
+        if not self.polling:
+            self.stats, self.stats_error = None, None
+            return
+        try:
+            self.stats = await backend.stats()
+        except BadStatistics as exc:
+            self.stats = None
+            if self.stats_error is None:
+                log.debug("%s: statistics refused: %s", self.name, exc)
+            self.stats_error = str(exc)
+        else:
+            self.stats_error = None
 
     async def _connect(self, factory: BackendFactory, config: Config) -> None:
         backend = factory(self.member, config)
@@ -358,6 +429,8 @@ class Link:
                 await backend.__aexit__(None, None, None)
         self.actual = None
         self.stats = None
+        self.stats_error = None
+        self.migrating = False
         self.resync_due = True
 
     async def act(self, decision: Decision) -> bool:

@@ -12,8 +12,14 @@ VM that hangs costs its own slot only, never the tick (each VM's collection runs
 task, and the tick goes on without the ones not back by its deadline).
 
 VMs come from ``[[vm]]`` (QMP sockets) and from ``[libvirt]`` (every running domain with a
-balloon, filtered by include/exclude globs, rescanned every ``RESCAN_S``). VMs appearing
-and vanishing are normal: each Link retries its own with backoff.
+balloon, filtered by include/exclude globs). libvirt's lifecycle events (a domain started,
+stopped, crashed, undefined) make the next tick rescan, so a new domain is managed from the
+next tick on; the rescan every ``RESCAN_S`` stays as a safety net for events lost while the
+event connection was down. VMs appearing and vanishing are normal: each Link retries its
+own with backoff.
+
+On stop, with ``[daemon] restore``, the VMs the daemon shrank get their RAM back, at
+``restore_rate`` bytes a second, for at most ``restore_timeout`` seconds (:meth:`Daemon.restore`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, replace
+from typing import Final, Protocol
 
 from balloonctl.daemon.config import Config
 from balloonctl.daemon.config import load as load_config
@@ -60,6 +66,18 @@ COLLECT_SHARE: Final = 0.6
 #: 57 ms of GC per tick at the default, 4.6 ms at these, and 200 vs 167 ms of CPU per tick.
 #: Cycles (rare here) are still found, within 50000 allocations.
 GC_THRESHOLDS: Final = (50_000, 20, 50)
+
+
+class _Events(Protocol):
+    """What the loop uses of :class:`balloonctl.backends.libvirt.DomainEvents` (imported
+    only when [libvirt] is configured: libvirt-python is optional)."""
+
+    uri: str
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class _GcTuning:
@@ -153,6 +171,14 @@ class Daemon:
         self._refreeze_tick = 0
         #: Whether this daemon holds the GC tuning (see GC_THRESHOLDS).
         self._gc_tuned = False
+        #: libvirt lifecycle events ([libvirt] only): a libvirt.DomainEvents, or None.
+        self._events: _Events | None = None
+        #: Seconds of the periodic rescan (a test sets it long to show events suffice).
+        self.rescan_s = RESCAN_S
+        #: Whether to follow libvirt's lifecycle events (off: the rescan alone, as before
+        #: events were used; for the discovery-latency measurement).
+        self.use_events = True
+        self._closing: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -177,6 +203,7 @@ class Daemon:
         if self._gc_tuned:
             self._gc_tuned = False
             _GcTuning.release()
+        await self._close_events()
         await asyncio.gather(*(self._drop(link) for link in list(self.links.values())))
         if self.metrics is not None:
             self.metrics.close()
@@ -211,6 +238,10 @@ class Daemon:
         self.notifier.reloading()
         try:
             fresh = load_config(path)
+            if fresh.manages_nothing:
+                # Most likely a file caught half-written or emptied by mistake: applying it
+                # would drop every VM (and their restore), so it is refused like a bad one.
+                raise ConfigError(f"{path}: nothing to manage (no [[vm]] and no [libvirt])")
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
         else:
@@ -219,6 +250,10 @@ class Daemon:
             if fresh.daemon.interval != self.config.daemon.interval:
                 for link in self.links.values():
                     link.resync_due = True  # the stats period follows the interval
+            if fresh.libvirt is None or (
+                self.config.libvirt is not None and fresh.libvirt.uri != self.config.libvirt.uri
+            ):
+                self._drop_events_later()
             self.config = fresh
             self._rescan_at = 0.0
             log.info("configuration reloaded from %s", path)
@@ -248,6 +283,8 @@ class Daemon:
             if next_tick < now:  # an overrun: skip the ticks that were missed
                 next_tick = now + interval - (now - next_tick) % interval
             await self._sleep_until(next_tick)
+        if not once and self.config.daemon.restore and not self.dry_run:
+            await self.restore()
         return report
 
     async def _sleep_until(self, deadline: float) -> None:
@@ -329,7 +366,9 @@ class Daemon:
         """Bring ``links`` in line with the configuration and libvirt's domains."""
         lv = self.config.libvirt
         if lv is not None and time.monotonic() >= self._rescan_at:
-            self._rescan_at = time.monotonic() + RESCAN_S
+            self._rescan_at = time.monotonic() + self.rescan_s
+            if self.use_events:
+                await self._open_events(lv.uri)
             try:
                 # Here, not at the top: libvirt-python is optional, and a daemon of [[vm]]s
                 # only never loads it (its absence is the ImportError below).
@@ -361,6 +400,44 @@ class Daemon:
             if name not in self.links:
                 memory = self.store.load(name) if self.store is not None else VmMemory()
                 self.links[name] = Link(member, memory)
+
+    async def _open_events(self, uri: str) -> None:
+        """Follow libvirt's lifecycle events on ``uri`` (again, if the connection closed).
+
+        Tried at each rescan; a failure is logged at debug level only, since the rescan
+        that follows says the same in its own warning."""
+        events = self._events
+        if events is not None and events.alive and events.uri == uri:
+            return
+        await self._close_events()
+        try:
+            from balloonctl.backends.libvirt import DomainEvents  # noqa: PLC0415
+
+            fresh = DomainEvents(uri, self._domain_changed)
+            await fresh.open(self.config.daemon.command_timeout)
+        except (BalloonError, ImportError) as exc:
+            log.debug("libvirt %s: no lifecycle events: %s", uri, exc)
+            return
+        self._events = fresh
+        log.debug("libvirt %s: following lifecycle events", uri)
+
+    def _domain_changed(self, name: str) -> None:
+        """A domain started, stopped, crashed or was undefined: rescan at the next tick."""
+        log.debug("libvirt: lifecycle event of %s; rescanning at the next tick", name)
+        self._rescan_at = 0.0
+
+    async def _close_events(self) -> None:
+        events, self._events = self._events, None
+        if events is not None:
+            await events.close()
+
+    def _drop_events_later(self) -> None:
+        """On a reload that changes or removes [libvirt]: the next rescan reopens."""
+        events, self._events = self._events, None
+        if events is not None:
+            task = asyncio.ensure_future(events.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _drop(self, link: Link) -> None:
         self.links.pop(link.name, None)
@@ -447,7 +524,7 @@ class Daemon:
         async def one(link: Link) -> None:
             if link.backend is not None and link.up:
                 try:
-                    link.stats = await link.backend.stats()
+                    await link.read_stats(link.backend)
                 except BalloonError as exc:
                     await link.mark_down(str(exc))
 
@@ -465,6 +542,7 @@ class Daemon:
                 self._remember(link, decision.memory)
         if not todo:
             return 0
+        todo = await self._not_migrating(todo)
         results = await asyncio.gather(*(link.act(decision) for link, decision in todo))
         sent = 0
         for (link, decision), ok in zip(todo, results, strict=True):
@@ -474,6 +552,116 @@ class Daemon:
                 if self.metrics is not None:
                     self.metrics.decided(decision)
         return sent
+
+    async def _not_migrating(
+        self, todo: Sequence[tuple[Link, Decision]]
+    ) -> list[tuple[Link, Decision]]:
+        """The moves whose VM is not migrating: each is asked just before its move (a VM
+        found migrating is held from then on, and asked every tick until it is over), so
+        the fleet's steady ticks cost no extra command. A VM that cannot answer is not
+        moved (unknown means hold); the next tick's collection finds out why."""
+
+        async def ask(link: Link) -> bool:
+            try:
+                return not await link.check_migrating()
+            except BalloonError as exc:
+                log.debug("%s: cannot tell whether it migrates: %s", link.name, exc)
+                return False
+
+        clear = await asyncio.gather(*(ask(link) for link, _ in todo))
+        keep = []
+        for (link, decision), ok in zip(todo, clear, strict=True):
+            if ok:
+                keep.append((link, decision))
+            elif link.migrating:
+                log.info("%s: at %s: hold: migrating", link.name, format_size(decision.current))
+                link.last_reason_kind = _reason_kind("hold: migrating")
+        return keep
+
+    # ------------------------------------------------------------------ restore on stop
+
+    async def restore(self) -> int:
+        """Give every VM the daemon shrank its RAM back (``[daemon] restore``); the VMs
+        restored.
+
+        A VM counts as shrunk by the daemon when the daemon set its last target (its
+        remembered memory, across restarts too) and it is below its RAM. Targets go up in
+        steps so that all VMs together get at most ``restore_rate`` bytes a second (the host
+        must find that memory), each second's bytes shared equally among the VMs still
+        short; after ``restore_timeout`` seconds what is left stays shrunk, and is logged. A
+        VM that does not answer is left as it is.
+        """
+        daemon = self.config.daemon
+        self.notifier.stopping()
+        short: dict[str, int] = {}  # VM -> the target it has been given so far
+        for link in self.links.values():
+            if not link.up or link.actual is None or link.maximum <= 0:
+                continue
+            target = link.memory.target
+            if target is not None and target < link.maximum:
+                short[link.name] = target
+        if not short:
+            return 0
+        log.info(
+            "restoring %d VMs to their RAM at %s/s (for at most %g s)",
+            len(short),
+            format_size(daemon.restore_rate),
+            daemon.restore_timeout,
+        )
+        deadline = time.monotonic() + daemon.restore_timeout
+        restored = 0
+        while short and time.monotonic() < deadline:
+            step_started = time.monotonic()
+            share = max(daemon.restore_rate // len(short), 1)
+            moves: list[tuple[Link, int]] = []
+            budget = daemon.restore_rate
+            for name in sorted(short, key=lambda n: self.links[n].maximum - short[n]):
+                link = self.links[name]
+                give = min(share, link.maximum - short[name], budget)
+                if give <= 0:
+                    continue
+                budget -= give
+                moves.append((link, short[name] + give))
+            results = await asyncio.gather(
+                *(self._restore_step(link, target) for link, target in moves)
+            )
+            for (link, target), ok in zip(moves, results, strict=True):
+                if not ok:
+                    short.pop(link.name, None)
+                elif target >= link.maximum:
+                    short.pop(link.name, None)
+                    restored += 1
+                    log.info("%s: restored to %s", link.name, format_size(link.maximum))
+                else:
+                    short[link.name] = target
+            self.notifier.watchdog()
+            if short:
+                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - step_started)))
+        for name in sorted(short):
+            log.warning(
+                "%s: not restored within %g s; left at %s of %s",
+                name,
+                daemon.restore_timeout,
+                format_size(short[name]),
+                format_size(self.links[name].maximum),
+            )
+        return restored
+
+    async def _restore_step(self, link: Link, target: int) -> bool:
+        """One step of :meth:`restore`; remembered so that a restart knows the target."""
+        backend = link.backend
+        if backend is None:
+            return False
+        try:
+            await backend.set_target(target)
+        except BalloonError as exc:
+            log.warning("%s: restore to %s failed: %s", link.name, format_size(target), exc)
+            return False
+        memory = replace(
+            link.memory, target=target, set_tick=self.tick_no, shrink=False, reached=False
+        )
+        self._remember(link, memory)
+        return True
 
     def _remember(self, link: Link, memory: VmMemory) -> None:
         link.memory = memory

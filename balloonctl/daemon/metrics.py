@@ -15,6 +15,7 @@ it (an absent series, never a 0 that would read as "no reclaim").
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -127,6 +128,15 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=reg,
         )
+        self.held = Gauge(
+            "balloonctl_vm_held",
+            "1 while the daemon holds the VM, with why: "
+            "no-stats, stale-stats, bad-stats, bad-size, migrating, backoff, pending",
+            ["vm", "reason"],
+            registry=reg,
+        )
+        #: VM -> the kind its held series carries now (one series per held VM).
+        self._held: dict[str, str] = {}
         self.guest_counters = _GuestCounters()
         reg.register(self.guest_counters)
         self._vms: set[str] = set()
@@ -137,6 +147,14 @@ class Metrics:
         except OSError as exc:
             raise UsageError(f"metrics endpoint {listen}: {exc.strerror or exc}") from exc
         log.info("metrics on http://%s/metrics", listen)
+        bound = str(self.server.server_address[0])
+        if not _loopback(bound):
+            log.warning(
+                "metrics on %s: not a loopback address; the endpoint has no authentication "
+                "and no TLS, so anyone who can reach it reads every VM's name and memory "
+                "(bind it to 127.0.0.1 or firewall it)",
+                listen,
+            )
 
     def close(self) -> None:
         """Stop serving."""
@@ -169,6 +187,9 @@ class Metrics:
         for gone in self._vms - seen:
             for gauge in (self.actual, self.floor, self.maximum, self.available, self.target):
                 _remove(gauge, gone)
+            kind = self._held.pop(gone, None)
+            if kind is not None:
+                _remove(self.held, gone, kind)
         self._vms = seen
         self.vms_up.set(len(seen))
         self.vms_managed.set(managed)
@@ -181,6 +202,19 @@ class Metrics:
                     self.target.labels(decision.vm).set(decision.memory.target)
             for mode in ("critical", "pressure", "balanced", "calm"):
                 self.host_mode.labels(mode).set(1 if plan.mode.value == mode else 0)
+            self._observe_held(plan)
+
+    def _observe_held(self, plan: Plan) -> None:
+        """``balloonctl_vm_held{vm,reason} 1`` for each VM the plan holds with a kind; the
+        series goes when the VM is no longer held (or is held for another kind), so that
+        ``balloonctl_vm_held{reason="stale-stats"} == 1`` is true only while it is."""
+        now = {d.vm: d.held for d in plan.decisions if d.held is not None}
+        for vm, kind in self._held.items():
+            if now.get(vm) != kind:
+                _remove(self.held, vm, kind)
+        for vm, kind in now.items():
+            self.held.labels(vm, kind).set(1)
+        self._held = now
 
     def decided(self, decision: Decision) -> None:
         """Count one sent target."""
@@ -192,6 +226,19 @@ class Metrics:
         self.tick.observe(seconds)
 
 
-def _remove(gauge: Any, vm: str) -> None:
+def _remove(gauge: Any, *labels: str) -> None:
     with contextlib.suppress(KeyError):
-        gauge.remove(vm)
+        gauge.remove(*labels)
+
+
+def _loopback(address: str) -> bool:
+    """Whether the endpoint's bound address is loopback only (127.0.0.0/8, ::1, or an
+    IPv4-mapped loopback); a wildcard (0.0.0.0, ::) or any other address is reachable from
+    elsewhere."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback

@@ -52,6 +52,28 @@ from balloonctl.units import format_size
 
 _MIB: Final = 1 << 20
 
+#: Why a VM is held, as a short fixed kind (``Decision.held``, the ``reason`` label of the
+#: ``balloonctl_vm_held`` metric): an alert can say "held for stale statistics" without
+#: parsing a reason's words. Only the holds that mean "the daemon cannot or will not act on
+#: this VM" have one; a VM holding because its host or itself needs nothing has none.
+HELD_KINDS: Final = (
+    # No reading yet, or stats polling off.
+    "no-stats",
+    # A reading older than stale_after: a guest whose last-update stopped moving (frozen).
+    "stale-stats",
+    # A reading no guest can have: negative, not a number, above the VM's RAM or its total,
+    # without available-memory, or every value "not reported" (virtio-win's 2**64-1).
+    "bad-stats",
+    # The VM's size makes no sense (actual outside 1..RAM).
+    "bad-size",
+    # Migrating: no resize until it is over.
+    "migrating",
+    # Backing off after a target the guest did not reach or took back.
+    "backoff",
+    # A target sent and still on its way.
+    "pending",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
@@ -155,6 +177,10 @@ class VmState:
     #: The guest's stats polling is off (a dry run does not turn it on): say so, rather
     #: than "no statistics yet", which would suggest waiting helps.
     polling_off: bool = False
+    #: Why the last reading was refused before it got here (a negative or non-integer
+    #: value: the backend's BadStatistics), None if it was not: the VM answers, its report
+    #: is unusable, so it is held, not marked down.
+    stats_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +194,9 @@ class Decision:
     reason: str
     #: What to remember for the next tick.
     memory: VmMemory
+    #: One of :data:`HELD_KINDS` when the VM is held for a reason an operator may need to
+    #: see (unusable statistics, migration, back-off, a move under way), else None.
+    held: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,30 +231,42 @@ class _Vm:
     why: str = ""
 
 
-def _stats_problem(vm: VmState, knobs: PolicyConfig, slack: int) -> str | None:
-    """Why the statistics cannot be used, or None. Garbage of every kind holds the VM."""
+def _stats_problem(vm: VmState, knobs: PolicyConfig, slack: int) -> tuple[str, str] | None:
+    """Why the statistics cannot be used, as (a :data:`HELD_KINDS` kind, words), or None.
+    Garbage of every kind holds the VM."""
     stats = vm.stats
-    if (stats is None or not stats) and vm.polling_off:
-        return "stats polling is off"
-    if stats is None or not stats:
-        return "no statistics yet"
+    if vm.stats_error is not None:
+        return "bad-stats", f"statistics unusable: {vm.stats_error}"
+    if stats is None and vm.polling_off:
+        return "no-stats", "stats polling is off"
+    if stats is None:
+        return "no-stats", "no statistics yet"
+    if not stats:
+        # A guest that reported, with every value "not reported": virtio-win sends 2**64-1
+        # for each one, which QEMU cannot tell from a statistic it never got.
+        return "bad-stats", "no statistics in the guest's report (each value 'not reported')"
     if not vm.stats_age <= knobs.stale_after:  # also catches NaN
-        return f"statistics {vm.stats_age:.0f} s old (stale after {knobs.stale_after:g} s)"
+        return (
+            "stale-stats",
+            f"statistics {vm.stats_age:.0f} s old (stale after {knobs.stale_after:g} s)",
+        )
     available = stats.get("available-memory")
     if available is None:
-        return "statistics without available-memory"
+        return "bad-stats", "statistics without available-memory"
     if not 0 <= available <= vm.maximum:
-        return f"statistics say available-memory {available}, outside 0..{vm.maximum}"
+        return "bad-stats", f"statistics say available-memory {available}, outside 0..{vm.maximum}"
     total = stats.get("total-memory")
     if total is not None and not available <= total <= vm.maximum:
-        return f"statistics say total-memory {total} with available-memory {available}"
+        return "bad-stats", f"statistics say total-memory {total} with available-memory {available}"
     if available > vm.actual + slack:
         # A fresh reading cannot have more available than the guest has (ballooned pages
         # are neither free nor cache): this one was taken before the VM shrank, and would
-        # make its used memory look like nothing.
+        # make its used memory look like nothing. Not held for long: the next reading
+        # follows the resize.
         return (
+            "pending",
             f"statistics predate the last resize (available-memory {format_size(available)} "
-            f"> size {format_size(vm.actual)})"
+            f"> size {format_size(vm.actual)})",
         )
     return None
 
@@ -249,11 +290,11 @@ def _prepare(vm: VmState, knobs: PolicyConfig, mode: HostMode, tick: int) -> _Vm
     return work
 
 
-def _hold(work: _Vm, reason: str, memory: VmMemory | None = None) -> Decision:
+def _hold(work: _Vm, reason: str, held: str | None = None) -> Decision:
     vm = work.state
-    mem = work.memory if memory is None else memory
+    mem = work.memory
     pending = mem.target if mem.target is not None else vm.actual
-    return Decision(vm.name, vm.actual, pending, False, reason, mem)
+    return Decision(vm.name, vm.actual, pending, False, reason, mem, held)
 
 
 def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
@@ -261,9 +302,9 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
     back-off, unusable statistics. Updates ``work.memory`` on the way."""
     vm = work.state
     if vm.maximum <= 0 or not 0 < vm.actual <= vm.maximum:
-        return _hold(work, f"hold: actual {vm.actual} outside 1..{vm.maximum}")
+        return _hold(work, f"hold: actual {vm.actual} outside 1..{vm.maximum}", "bad-size")
     if vm.migrating:
-        return _hold(work, "hold: migrating")
+        return _hold(work, "hold: migrating", "migrating")
     mem = work.memory
     pending = mem.target
     if pending is not None and pending < work.floor:
@@ -289,7 +330,7 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
                 return _back_off(work, knobs, tick, "guest took memory back (deflate-on-OOM)")
             work.memory = mem = replace(mem, target=None)
         elif tick - mem.set_tick < knobs.settle_ticks:
-            return _hold(work, f"hold: on its way to {format_size(pending)}")
+            return _hold(work, f"hold: on its way to {format_size(pending)}", "pending")
         elif off > 0:
             return _back_off(
                 work,
@@ -311,7 +352,8 @@ def _early(work: _Vm, knobs: PolicyConfig, tick: int) -> Decision | None:
         )
     problem = _stats_problem(vm, knobs, work.deadband)
     if problem is not None:
-        return _hold(work, f"hold: {problem}")
+        kind, words = problem
+        return _hold(work, f"hold: {words}", kind)
     return None
 
 
@@ -537,12 +579,10 @@ def _finish(work: _Vm, mode: HostMode, host_reason: str, tick: int) -> Decision:
         return work.early
     if work.delta == 0:
         if tick < work.memory.hold_until and mode in (HostMode.PRESSURE, HostMode.CRITICAL):
-            why = f"hold: backing off until tick {work.memory.hold_until}"
-        elif work.pressured:
-            why = "hold: guest under pressure, nothing to give it"
-        else:
-            why = f"hold: {host_reason}"
-        return _hold(work, why)
+            return _hold(work, f"hold: backing off until tick {work.memory.hold_until}", "backoff")
+        if work.pressured:
+            return _hold(work, "hold: guest under pressure, nothing to give it")
+        return _hold(work, f"hold: {host_reason}")
     if work.delta < 0:
         target = (vm.actual + work.delta + _MIB - 1) // _MIB * _MIB  # round toward actual
     else:

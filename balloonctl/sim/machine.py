@@ -24,6 +24,7 @@ from balloonctl import __version__
 from balloonctl.errors import CommandFailed
 from balloonctl.sim import qom
 from balloonctl.sim.balloon import PROPERTIES, SimBalloon
+from balloonctl.sim.brokenstats import BrokenStats
 from balloonctl.sim.guest import GuestSpec, SimGuest
 from balloonctl.sim.qemu_versions import DEFAULT_QEMU_VERSION, QemuProfile, qemu_profile
 from balloonctl.sim.qmp_server import Command, JsonObject, Param, QmpServer
@@ -63,6 +64,9 @@ class VmSpec:
     #: the six statistics of tags 10-15 (QemuProfile.extended_stats). The guest is the same
     #: Linux 6.12 either way; like QEMU, a device that does not know a tag drops it.
     qemu_version: str = DEFAULT_QEMU_VERSION
+    #: A guest whose statistics are broken as some are in the field (``--broken-stats``:
+    #: virtio-win, frozen, negative, absurd; :mod:`balloonctl.sim.brokenstats`), or None.
+    broken_stats: str | None = None
 
 
 def default_props(profile: str, *, plugged: bool = False) -> dict[str, bool]:
@@ -113,6 +117,13 @@ class SimMachine:
         self.buses: tuple[str, ...] = (
             (ROOT_BUS, HOTPLUG_BUS, "rp2") if spec_.hotplug else (ROOT_BUS,)
         )
+        self._broken_stats = (
+            BrokenStats(spec_.broken_stats) if spec_.broken_stats is not None else None
+        )
+        #: query-migrate's status (None: no migration ever, QEMU answers {}), and when the
+        #: migration started (time.monotonic()).
+        self.migration: str | None = None
+        self._migration_started = 0.0
 
     # --- life cycle -----------------------------------------------------------------------
     async def start(self, qmp_path: str) -> None:
@@ -156,6 +167,10 @@ class SimMachine:
     async def _workload(self) -> None:
         while True:
             self.guest.step()
+            if self._broken_stats is not None and self.balloon is not None:
+                # A frozen kind keeps the guest's *first* report: look at each one as it
+                # comes (within a step), not only when a client reads guest-stats.
+                qom.guest_stats(self, self.balloon)
             await asyncio.sleep(0.5)
 
     def _actual_changed(self, actual_pages: int) -> None:
@@ -225,6 +240,9 @@ class SimMachine:
             ),
             ("device_add", self._device_add, (Param("driver", "str"),), True),
             ("device_del", self._device_del, (Param("id", "str"),), False),
+            ("query-migrate", self._query_migrate, (), False),
+            ("migrate", self._migrate, (Param("uri", "str", True),), True),
+            ("migrate_cancel", self._migrate_cancel, (), False),
             ("quit", self._quit, (), False),
         ]
         return {
@@ -396,6 +414,29 @@ class SimMachine:
             {"device": balloon.dev_id, "path": qom.device_path(balloon.dev_id)},
         )
 
+    # --- migration: started and cancelled, never completed (there is no destination) -------
+    async def _query_migrate(self, args: Mapping[str, Any]) -> JsonObject:
+        # qmp_query_migrate: {} before any migration; then status and, while it runs, times.
+        if self.migration is None:
+            return {}
+        info: JsonObject = {"status": self.migration}
+        if self.migration == "active":
+            elapsed_ms = int((time.monotonic() - self._migration_started) * 1000)
+            info.update({"total-time": elapsed_ms, "setup-time": 0, "expected-downtime": 300})
+        return info
+
+    async def _migrate(self, args: Mapping[str, Any]) -> None:
+        # migrate_prepare: one migration at a time (QERR_MIGRATION_ACTIVE's text).
+        if self.migration == "active":
+            raise CommandFailed("There's a migration process in progress")
+        self.migration = "active"
+        self._migration_started = time.monotonic()
+
+    async def _migrate_cancel(self, args: Mapping[str, Any]) -> None:
+        # qmp_migrate_cancel: cancels a migration in flight, else does nothing.
+        if self.migration == "active":
+            self.migration = "cancelled"
+
     async def _quit(self, args: Mapping[str, Any]) -> None:
         # QEMU sends SHUTDOWN before quit's reply (transcripts/qemu-*/quit.json), then
         # exits and the socket closes.
@@ -404,6 +445,11 @@ class SimMachine:
         asyncio.get_running_loop().call_soon(self._on_quit, self)
 
     # --- for qom.py -------------------------------------------------------------------------------
+    @property
+    def broken_stats(self) -> BrokenStats | None:
+        """How the guest's statistics are broken (``--broken-stats``), None if they are not."""
+        return self._broken_stats
+
     @property
     def stat_names(self) -> tuple[str, ...]:
         """balloon_stat_names, in tag order: QEMU 7.2's ten (VIRTIO_BALLOON_S_NR = 10), or

@@ -14,6 +14,7 @@ from typing import Any, Final, Protocol
 
 from balloonctl.errors import CommandFailed
 from balloonctl.sim.balloon import PROPERTIES, SimBalloon
+from balloonctl.sim.brokenstats import BrokenStats
 from balloonctl.sim.qemu_props import NO_DEFAULT, PropInfo, Scalar
 from balloonctl.sim.qemu_versions import QemuProfile
 from balloonctl.sim.qmp_server import JsonObject
@@ -72,6 +73,10 @@ class MachineView(Protocol):
     @property
     def stat_names(self) -> tuple[str, ...]:
         """``guest-stats`` names in tag order."""
+
+    @property
+    def broken_stats(self) -> BrokenStats | None:
+        """How the guest's statistics are broken (``--broken-stats``), None if they are not."""
 
 
 def device_path(dev_id: str) -> str:
@@ -188,7 +193,7 @@ def _type_name(path: str) -> str:
 
 def _balloon_get(machine: MachineView, balloon: SimBalloon, path: str, prop: str) -> Any:
     if prop == "guest-stats":
-        return _guest_stats(machine, balloon)
+        return guest_stats(machine, balloon)
     if prop == "guest-stats-polling-interval":
         return balloon.poll_interval
     if prop == "type":
@@ -295,11 +300,15 @@ def list_(machine: MachineView, path: str) -> list[JsonObject]:
     raise _not_found(path)
 
 
-def _guest_stats(machine: MachineView, balloon: SimBalloon) -> JsonObject:
+def guest_stats(machine: MachineView, balloon: SimBalloon) -> JsonObject:
+    """``guest-stats`` as QEMU shows it (through ``--broken-stats``, if the guest's are)."""
     # balloon_stats_get_all: every name, -1 for what the guest did not send (the device
     # keeps u64 -1 and QEMU prints it signed).
     last_update, values = balloon.stats()
     stats = {name: values.get(tag, -1) for tag, name in enumerate(machine.stat_names)}
+    broken = machine.broken_stats
+    if broken is not None:
+        last_update, stats = broken.show(last_update, stats)
     return {"stats": stats, "last-update": last_update}
 
 
