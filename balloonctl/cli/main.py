@@ -459,12 +459,6 @@ def _cmd_on_hosts(
     if local:
         name = hosts.LOCAL_HOST
         chosen.append(hosts.Host(name if name not in {h.name for h in chosen} else f"({name})"))
-    # Loaded once here, before the fork: each child then starts in milliseconds.
-    if any(host.uri is not None for host in chosen):
-        with contextlib.suppress(ImportError):  # each host then says what is missing
-            import balloonctl.backends.libvirt  # noqa: PLC0415
-    if any(host.uri is None for host in chosen):
-        import balloonctl.backends.qmp  # noqa: F401, PLC0415
     outcomes = hosts.run_on_hosts(chosen, work)
     for outcome in outcomes:
         for line in outcome.notice.splitlines():

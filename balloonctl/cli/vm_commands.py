@@ -519,8 +519,8 @@ def render_list(report: dict[str, Any]) -> str:
 
 
 # --- many hosts: list, status, stats with several -c URI and/or --hosts FILE ----------------
-# Each function below is one host's share, run by balloonctl.cli.hosts.run_on_hosts (in a
-# child process of its own); merge_hosts puts the hosts' answers together.
+# Each function below is one host's share, run by balloonctl.cli.hosts.run_on_hosts (all
+# hosts at once, each in its own task); merge_hosts puts the hosts' answers together.
 
 
 def _on_host(host: Host) -> None:

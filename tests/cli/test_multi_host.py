@@ -7,23 +7,21 @@ harmless parameter, so balloonctl opens two independent connections to it, plus 
 nothing answers: a socket path with nothing listening (refused at once) and a socket that
 accepts and never answers (a wedged libvirtd; costs a connect timeout). A second libvirtd
 would cost another capability probe and another TCG guest boot on a 2-core machine for no
-code path that two URIs do not already take: each host is its own connection in its own
-process either way. Every answer is checked against ``virsh`` on the same daemon.
+code path that two URIs do not already take: each host is its own connection (and its
+URI its own libvirt call worker) either way. Every answer is checked against ``virsh`` on the same daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from balloonctl.cli import hosts as hosts_module
-from balloonctl.cli.hosts import Host
+from balloonctl.cli.hosts import Host, run_on_hosts
 from balloonctl.errors import VmUnreachable
 from fixtures.libvirtd import Domain, Libvirtd
 from tests.support.cli import json_out, one_line_error, run_cli
@@ -199,8 +197,8 @@ def test_wedged_hosts_cost_one_connect_timeout_not_the_sum(
     libvirtd: Libvirtd, domain: Domain, wedged: list[str]
 ) -> None:
     """Hosts are connected in parallel: two hosts that never answer cost one connect timeout
-    together (in one process they would queue on the libvirt thread: twice that), and the
-    live host still answers."""
+    together (one after the other they would cost twice that), and the live host still
+    answers."""
     start = time.monotonic()
     result = cli(
         "--json", "-c", wedged[0], "-c", libvirtd.uri, "-c", wedged[1], "status", domain.name
@@ -388,25 +386,30 @@ async def _answer(host: Host) -> tuple[dict[str, object], str]:
     return {"vm": host.name}, f"note from {host.name}"
 
 
-def test_in_process_runner_keeps_order_and_one_line_errors() -> None:
-    hosts = [Host("a", uri="x:///"), Host("bad", uri="y:///"), Host("b", qmp_dir="/d")]
-    outcomes = asyncio.run(hosts_module._in_process(hosts, _answer))
-    assert [(o.host.name, o.report, o.error) for o in outcomes] == [
-        ("a", {"vm": "a"}, None),
-        ("bad", None, "bad is down"),
-        ("b", {"vm": "b"}, None),
-    ]
-    assert outcomes[0].notice == "note from a"
-
-
-@pytest.mark.skipif(threading.active_count() > 1, reason="forking needs a single-threaded process")
-def test_forked_runner_bounds_a_host_that_never_ends() -> None:
+def test_runner_keeps_order_bounds_a_host_and_reports_one_line_errors() -> None:
     hosts = [Host("slow", uri="s:///"), Host("a", uri="x:///"), Host("bad", uri="y:///")]
     start = time.monotonic()
-    outcomes = hosts_module._forked(hosts, _answer, limit=2, deadline_s=1.0)
+    outcomes = run_on_hosts(hosts, _answer, limit=2, deadline_s=1.0)
     assert time.monotonic() - start < 5
     assert [(o.host.name, o.report, o.error) for o in outcomes] == [
         ("slow", None, "host slow did not answer within 1 s"),
         ("a", {"vm": "a"}, None),
         ("bad", None, "bad is down"),
     ]
+    assert outcomes[1].notice == "note from a"
+
+
+def test_at_most_limit_hosts_at_a_time() -> None:
+    running = 0
+    most = 0
+
+    async def count(host: Host) -> tuple[dict[str, object], str]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return {}, ""
+
+    outcomes = run_on_hosts([Host(f"h{i}", uri=f"u{i}:///") for i in range(10)], count, limit=3)
+    assert len(outcomes) == 10 and most == 3
