@@ -7,8 +7,9 @@ harmless parameter, so balloonctl opens two independent connections to it, plus 
 nothing answers: a socket path with nothing listening (refused at once) and a socket that
 accepts and never answers (a wedged libvirtd; costs a connect timeout). A second libvirtd
 would cost another capability probe and another TCG guest boot on a 2-core machine for no
-code path that two URIs do not already take: each host is its own connection (and its
-URI its own libvirt call worker) either way. Every answer is checked against ``virsh`` on the same daemon.
+code path that two URIs do not already take: each host is its own connection (and its URI
+its own libvirt call worker) either way. Every answer is checked against ``virsh`` on the
+same daemon.
 """
 
 from __future__ import annotations
