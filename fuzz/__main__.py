@@ -36,6 +36,7 @@ ACTIONS: Final[dict[str, tuple[Command, Render]]] = {
     "reproduce": (runner.cmd_reproduce, runner.render_reproduce),
     "differential": (runner.cmd_differential, runner.render_differential),
     "coverage": (runner.cmd_coverage, runner.render_coverage),
+    "bench": (runner.cmd_bench, runner.render_bench),
 }
 
 # One input may take this long before libFuzzer calls it a hang (its own default, 1200 s,
@@ -192,6 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="campaign state: corpus/vring_image/ is replayed, findings go to artifacts/ "
         "(default $XDG_CACHE_HOME/balloonctl/fuzz)",
+    )
+    bench = actions.add_parser(
+        "bench",
+        parents=[common],
+        help="every target's rate (exec/s) on one core, against its goal",
+        description="Fuzz every target for --time seconds, one at a time on one core, each "
+        "from the committed corpus (fixtures/corpus/TARGET) copied into a scratch working "
+        "corpus, and print exec/s, the goal (issue 17) and whether it is met, and exec per CPU "
+        "second. Exit 3 on any finding; a missed goal is reported, not an error.",
+    )
+    bench.add_argument(
+        "--time", type=_positive, default=60, metavar="S", help="seconds per target (default 60)"
+    )
+    bench.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="keep the runs' corpus/, artifacts/ and logs/ here; its corpus/ is emptied first "
+        "(default: a scratch directory, removed afterwards)",
+    )
+    bench.add_argument(
+        "--input-timeout",
+        type=_positive,
+        default=DEFAULT_INPUT_TIMEOUT,
+        metavar="S",
+        help=f"seconds one input may take before it is a hang (default {DEFAULT_INPUT_TIMEOUT})",
     )
     coverage = actions.add_parser(
         "coverage",

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """atheris entry point for the ``driver_device_roundtrip`` harness (logic: fuzz/harness.py).
 
-Only the balloonctl package is instrumented for coverage feedback: the harness's own byte
-decoder is not, so libFuzzer steers by what the input reaches in balloonctl, not by how it
-was decoded. Run: ``./fuzz/fuzz_driver_device_roundtrip.py CORPUS_DIR -max_total_time=60``.
+Only the balloonctl modules under test (fuzz/scope.py) are instrumented for coverage
+feedback: not the harness's own byte decoder, not balloonctl's support code, so libFuzzer
+steers by what the input reaches in the code under test, and pays for nothing else.
+Run: ``./fuzz/fuzz_driver_device_roundtrip.py CORPUS_DIR -max_total_time=60``.
 """
 
 import os
@@ -13,7 +14,11 @@ import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-with atheris.instrument_imports(include=["balloonctl"]):
+from fuzz.scope import excluded
+
+_UNDER_TEST_ONLY = excluded("driver_device_roundtrip")
+
+with atheris.instrument_imports(include=["balloonctl"], exclude=_UNDER_TEST_ONLY):
     from fuzz import harness
 
 TestOneInput = harness.TARGETS["driver_device_roundtrip"]

@@ -13,6 +13,15 @@ as a corpus file is checked on every change. The decoder is deliberately pure Py
 deterministic (bytes run out as zeroes), unlike atheris' FuzzedDataProvider, whose
 decoding is not specified to be stable across versions.
 
+Set-up happens once per process, not per input (issue 17): the guest memory of vring_ops,
+balloon_requests and driver_device_roundtrip is made once per layout (:func:`_memory`) and
+reset to all-zero before each input (:class:`_ReusedMemory` says why that reset is total);
+the counting descriptor table is one class; RAM's PFN set is computed with the memory. What
+each input builds is what it fuzzes: the queue, the device and the driver from its own
+parameters. The guest's own writes go straight into RAM (``poke``), and the oracles read and
+bounds-check RAM themselves (``peek``, ``holds``), not through memory.py, which is both
+faster and more independent. fuzz/scope.py says which modules atheris instruments.
+
 Targets and oracles:
 
 * ``vring_ops``: queue parameters, guest writes and device operations on
@@ -53,7 +62,7 @@ from balloonctl.backends import qmpvocab
 from balloonctl.backends.base import GuestStats
 from balloonctl.backends.qmpvocab import parse_queue_status
 from balloonctl.daemon.config import load as load_config
-from balloonctl.errors import BalloonError, ConfigError, VirtioError
+from balloonctl.errors import BalloonError, ConfigError, GuestMemoryError, VirtioError
 from balloonctl.guest.allocator import PageState
 from balloonctl.guest.testbed import Testbed, TestbedConfig
 from balloonctl.units import PAGE_SHIFT, PAGE_SIZE
@@ -88,23 +97,32 @@ class ByteReader:
 
     Integers are little-endian; once the data runs out every read returns zeroes, so any
     input decodes to *something* and a corpus file replays the same way forever.
+
+    It runs a few hundred times per input (every decoded field), uninstrumented, so the
+    common reads are written for speed: ``u8`` indexes instead of slicing, and the fixed
+    widths unpack in place while whole. What any read returns is exactly what
+    ``int.from_bytes(take(n), "little")`` returns; ``tests/fuzz/test_speed.py`` pins that.
     """
 
-    __slots__ = ("_data", "_pos")
+    __slots__ = ("_data", "_len", "_pos")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
+        self._len = len(data)
         self._pos = 0
 
     @property
     def remaining(self) -> int:
         """Bytes not consumed yet."""
-        return len(self._data) - self._pos
+        return self._len - self._pos
 
     def take(self, n: int) -> bytes:
         """Up to ``n`` bytes (fewer at the end)."""
-        chunk = self._data[self._pos : self._pos + max(0, n)]
-        self._pos += len(chunk)
+        pos = self._pos
+        if n <= 0 or pos >= self._len:
+            return b""
+        chunk = self._data[pos : pos + n]
+        self._pos = pos + len(chunk)
         return chunk
 
     def uint(self, nbytes: int) -> int:
@@ -113,24 +131,37 @@ class ByteReader:
 
     def u8(self) -> int:
         """One byte."""
-        return self.uint(1)
+        pos = self._pos
+        if pos < self._len:
+            self._pos = pos + 1
+            return self._data[pos]
+        return 0
+
+    def _fixed(self, unpack: Callable[[bytes, int], tuple[int]], nbytes: int) -> int:
+        pos = self._pos
+        if pos + nbytes <= self._len:
+            self._pos = pos + nbytes
+            return unpack(self._data, pos)[0]
+        return self.uint(nbytes)
 
     def u16(self) -> int:
         """A le16."""
-        return self.uint(2)
+        return self._fixed(_LE16, 2)
 
     def u32(self) -> int:
         """A le32."""
-        return self.uint(4)
+        return self._fixed(_LE32, 4)
 
     def u64(self) -> int:
         """A le64."""
-        return self.uint(8)
+        return self._fixed(_LE64, 8)
 
     def below(self, n: int) -> int:
         """An integer in ``[0, n)`` (0 when ``n`` <= 1), using as few bytes as ``n`` needs."""
         if n <= 1:
             return 0
+        if n < 0x100:  # one byte, as (n.bit_length() + 7) // 8 says
+            return self.u8() % n
         return self.uint((n.bit_length() + 7) // 8) % n
 
     def flag(self) -> bool:
@@ -144,6 +175,11 @@ class ByteReader:
     def rest(self) -> bytes:
         """Everything not consumed yet."""
         return self.take(self.remaining)
+
+
+_LE16: Final = struct.Struct("<H").unpack_from
+_LE32: Final = struct.Struct("<I").unpack_from
+_LE64: Final = struct.Struct("<Q").unpack_from
 
 
 # ============================================================================================
@@ -162,7 +198,118 @@ _RING_LAYOUT_LARGE: Final = ((0, 0x100000), (0x110000, 0x10000))
 _MAX_OPS: Final = 256
 
 
-class _SpyMemory(GuestMemory):
+class _ReusedMemory(GuestMemory):
+    """Guest memory made once per process and reset before every input (issue 17).
+
+    A fresh memory per input cost a bytearray (a mmap and a memfd for the balloon target)
+    and its zeroing every time; this one is made once by :func:`_memory` and
+    :meth:`reset` gives it back all-zero, as a fresh one is.
+
+    Why the reset is total: every byte outside the dirty span of its region is zero. That
+    holds after ``__init__`` and after :meth:`reset` (which zeroes the spans), and every way
+    to write is tracked: :meth:`write` (``write_u16``/``u32``/``u64`` call it) and
+    :meth:`poke` widen the span first; a discard writes only zeroes (bytes backing) or punches
+    a hole that reads as zeroes (memfd); nothing in balloonctl writes through
+    ``Region.view`` (the queue reads its table through it, never writes).
+    ``tests/fuzz/test_speed.py`` replays every corpus input and checks that the memory is
+    all zero after its reset.
+
+    The regions must not touch (each layout here has a hole between them): then a range is
+    RAM exactly when one region holds it, which lets :meth:`holds` and :meth:`poke` say so
+    without memory.py, in a few comparisons.
+    """
+
+    def __init__(self, layout: Sequence[tuple[int, int]], backing: Backing = Backing.BYTES) -> None:
+        super().__init__([Region(base, size, backing) for base, size in layout])
+        for before, after in zip(self.regions, self.regions[1:], strict=False):
+            if before.end >= after.base:
+                raise ValueError("a reused harness memory needs a hole between its regions")
+        self._spans = [(r.base, r.end, r.view) for r in self.regions]
+        #: Per region, [lo, hi): the offsets written since the last reset.
+        self._dirty = [[r.size, 0] for r in self.regions]
+        self._zeros = memoryview(bytes(max(r.size for r in self.regions)))
+
+    def _mark(self, addr: int, length: int) -> None:
+        end = addr + length
+        for (lo, hi, _), span in zip(self._spans, self._dirty, strict=True):
+            if addr < hi and end > lo:
+                span[0] = min(span[0], max(addr, lo) - lo)
+                span[1] = max(span[1], min(end, hi) - lo)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        self._mark(addr, len(data))
+        super().write(addr, data)
+
+    def holds(self, addr: int, length: int) -> bool:
+        """Whether ``[addr, addr + length)`` is RAM: the oracle's own bounds, not memory.py's
+        (so a bug in ``GuestMemory.contains`` cannot agree with itself)."""
+        end = addr + length
+        return any(lo <= addr and end <= hi for lo, hi, _ in self._spans)
+
+    def peek(self, addr: int, length: int) -> bytes:
+        """The oracle's read of RAM it knows is there (``holds``); memory.py is not asked."""
+        end = addr + length
+        for lo, hi, view in self._spans:
+            if lo <= addr and end <= hi:
+                return bytes(view[addr - lo : end - lo])
+        raise GuestMemoryError(f"oracle read {addr:#x}+{length:#x} outside guest memory")
+
+    def poke(self, addr: int, data: bytes | bytearray) -> None:
+        """The guest writes its own memory: all of ``data`` if RAM holds it, else nothing (a
+        write that would leave RAM is not one a guest can do)."""
+        n = len(data)
+        if not n:
+            return
+        end = addr + n
+        for (lo, hi, view), span in zip(self._spans, self._dirty, strict=True):
+            if lo <= addr and end <= hi:
+                off = addr - lo
+                view[off : off + n] = data
+                span[0] = min(span[0], off)
+                span[1] = max(span[1], off + n)
+                return
+
+    def reset(self) -> None:
+        """All RAM zero again, as a fresh memory is."""
+        for (_, _, view), span in zip(self._spans, self._dirty, strict=True):
+            lo, hi = span
+            if hi > lo:
+                view[lo:hi] = self._zeros[: hi - lo]
+            span[0], span[1] = len(view), 0
+
+    def is_zero(self) -> bool:
+        """Every byte zero (the reset's test; a whole scan, so not called per input)."""
+        return all(not any(view) for _, _, view in self._spans)
+
+
+_M = TypeVar("_M", bound=_ReusedMemory)
+_MEMORIES: dict[tuple[type[_ReusedMemory], tuple[tuple[int, int], ...], Backing], object] = {}
+
+
+def _memory(
+    kind: type[_M], layout: tuple[tuple[int, int], ...], backing: Backing = Backing.BYTES
+) -> _M:
+    """The process's one memory of this kind and layout, reset for a new input."""
+    key = (kind, layout, backing)
+    mem = _MEMORIES.get(key)
+    if mem is None:
+        mem = _MEMORIES[key] = kind(layout, backing)
+    assert isinstance(mem, kind)
+    mem.reset()
+    return mem
+
+
+def reset_memories() -> list[GuestMemory]:
+    """Reset every reused memory and return them (for the reset's test)."""
+    out: list[GuestMemory] = []
+    for mem in _MEMORIES.values():
+        assert isinstance(mem, _ReusedMemory)
+        mem.reset()
+        out.append(mem)
+    return out
+
+
+class _SpyMemory(_ReusedMemory):
     """Guest memory that records what the *device* writes (``device_phase``), to hold the
     device to writing only its used ring (2.7.8: the used ring is the device's; everything
     else belongs to the driver)."""
@@ -179,6 +326,11 @@ class _SpyMemory(GuestMemory):
             )
         super().write(addr, data)
 
+    def reset(self) -> None:
+        super().reset()
+        self.device_phase = False
+        self.allowed = (0, 0)
+
 
 class _TableReads:
     """Counts descriptor reads, to check that a pop is bounded by the queue size."""
@@ -186,21 +338,32 @@ class _TableReads:
     count = 0
 
 
+def _counting_table_class() -> type[queue_module._Table]:
+    """A subclass of ``queue._Table`` counting ``read`` calls: made once per process."""
+    original = queue_module._Table
+
+    class Counting(original):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        def read(self, index: int) -> tuple[int, int, int, int]:
+            _TableReads.count += 1
+            return super().read(index)  # type: ignore[no-any-return]
+
+    return Counting
+
+
+_COUNTING_TABLE: Final = _counting_table_class()
+
+
 @contextlib.contextmanager
 def _counting_tables() -> Iterator[None]:
-    """Swap ``queue._Table`` for a subclass counting ``read`` calls, for one harness run.
+    """Swap ``queue._Table`` for the counting subclass, for one harness run.
 
     The harness patches instead of balloonctl exposing a counter, so that the device code
     pays nothing for being fuzzed; it is restored on the way out whatever happens.
     """
     original = queue_module._Table
-
-    class Counting(original):  # type: ignore[valid-type,misc]
-        def read(self, index: int) -> tuple[int, int, int, int]:
-            _TableReads.count += 1
-            return super().read(index)  # type: ignore[no-any-return]
-
-    queue_module._Table = Counting  # type: ignore[misc]
+    queue_module._Table = _COUNTING_TABLE  # type: ignore[misc]
     try:
         yield
     finally:
@@ -212,21 +375,24 @@ def _counting_tables() -> Iterator[None]:
 _Walk = list[tuple[int, int, int, int, int, bool]] | type[VirtioError] | None
 
 
-def _reference_pop(mem: GuestMemory, q: SplitQueue) -> _Walk:
+def _reference_pop(mem: _ReusedMemory, q: SplitQueue) -> _Walk:
     """What the next pop must give, from docs/vring-parse.md's rules written out independently.
 
     Order: the avail index (AvailIndexJump), the head (HeadOutOfRange), then per
     descriptor its flags (the INDIRECT rules, 2.7.5.3.1), its length, its bounds, its
     direction (2.7.4.2), the chain's total (2.7.5.2) and its next (2.7.5). None: nothing
-    available.
+    available. It reads and bounds-checks through the harness's own ``peek``/``holds``, not
+    through memory.py, so the two sides share nothing but the bytes.
     """
-    avail_idx = mem.read_u16(q.avail + spec.AVAIL_IDX_OFF)
+    avail_idx = _U16.unpack(mem.peek(q.avail + spec.AVAIL_IDX_OFF, 2))[0]
     count = (avail_idx - q.last_avail_idx) & 0xFFFF
     if count > q.size:
         return errors.AvailIndexJump
     if count == 0:
         return None
-    head = mem.read_u16(q.avail + spec.AVAIL_RING_OFF + 2 * (q.last_avail_idx % q.size))
+    head = _U16.unpack(
+        mem.peek(q.avail + spec.AVAIL_RING_OFF + 2 * (q.last_avail_idx % q.size), 2)
+    )[0]
     if head >= q.size:
         return errors.HeadOutOfRange
     table, entries, in_indirect = q.desc, q.size, False
@@ -237,7 +403,7 @@ def _reference_pop(mem: GuestMemory, q: SplitQueue) -> _Walk:
         if visited > entries:
             return errors.DescriptorLoop
         addr, length, flags, nxt = spec.DESC_STRUCT.unpack(
-            mem.read(table + spec.DESC_SIZE * index, spec.DESC_SIZE)
+            mem.peek(table + spec.DESC_SIZE * index, spec.DESC_SIZE)
         )
         if flags & spec.VIRTQ_DESC_F_INDIRECT:
             if in_indirect:
@@ -249,7 +415,7 @@ def _reference_pop(mem: GuestMemory, q: SplitQueue) -> _Walk:
                 or length == 0
                 or length % spec.DESC_SIZE
                 or length // spec.DESC_SIZE > q.size
-                or not mem.contains(addr, length)
+                or not mem.holds(addr, length)
             ):
                 return errors.IndirectTableInvalid
             table, entries, in_indirect = addr, length // spec.DESC_SIZE, True
@@ -257,7 +423,7 @@ def _reference_pop(mem: GuestMemory, q: SplitQueue) -> _Walk:
             continue
         if length == 0:
             return errors.ZeroLengthBuffer
-        if not mem.contains(addr, length):
+        if not mem.holds(addr, length):
             return errors.BufferOutOfBounds
         if flags & spec.VIRTQ_DESC_F_WRITE:
             seen_write = True
@@ -274,7 +440,7 @@ def _reference_pop(mem: GuestMemory, q: SplitQueue) -> _Walk:
         index = nxt
 
 
-def _check_chain(mem: GuestMemory, q: SplitQueue, chain: Chain, reads: int) -> None:
+def _check_chain(mem: _ReusedMemory, q: SplitQueue, chain: Chain, reads: int) -> None:
     """Properties every popped chain has, whatever the reference says."""
     n = q.size
     entries = chain.indirect.len // spec.DESC_SIZE if chain.indirect is not None else 0
@@ -284,7 +450,7 @@ def _check_chain(mem: GuestMemory, q: SplitQueue, chain: Chain, reads: int) -> N
     total = 0
     seen_write = False
     for d in chain:
-        _check(d.len > 0 and mem.contains(d.addr, d.len), f"buffer {d} not in guest memory")
+        _check(d.len > 0 and mem.holds(d.addr, d.len), f"buffer {d} not in guest memory")
         _check(not d.flags & spec.VIRTQ_DESC_F_INDIRECT, f"INDIRECT descriptor in chain: {d}")
         _check(not (seen_write and not d.is_write), "readable descriptor after a writable one")
         _check(d.index < (entries if d.in_indirect else n), f"descriptor index {d.index}")
@@ -331,10 +497,9 @@ def _device_pop(mem: _SpyMemory, q: SplitQueue, in_flight: list[int]) -> bool:
     return True
 
 
-def _guest_write(mem: GuestMemory, addr: int, data: bytes) -> None:
+def _guest_write(mem: _ReusedMemory, addr: int, data: bytes) -> None:
     """The guest writes its own memory; a write that would leave it is not one it can do."""
-    if data and mem.contains(addr, len(data)):
-        mem.write(addr, data)
+    mem.poke(addr, data)
 
 
 def _fuzz_addr(r: ByteReader, mem: GuestMemory) -> int:
@@ -362,7 +527,8 @@ def vring_ops(data: bytes) -> None:
         desc, avail, used = desc + r.u8(), avail + r.u8(), used + r.u8()
     elif place == 2:  # anywhere at all
         desc, avail, used = r.u64(), r.u64(), r.u64()
-    with _SpyMemory([Region(b, n) for b, n in layout_spec]) as mem, _counting_tables():
+    mem = _memory(_SpyMemory, layout_spec)
+    with _counting_tables():
         try:
             q = SplitQueue(
                 mem,
@@ -382,10 +548,15 @@ def vring_ops(data: bytes) -> None:
 
 
 def _run_ops(r: ByteReader, mem: _SpyMemory, q: SplitQueue) -> None:
-    """Decode and run operations until the bytes or the queue run out."""
+    """Decode and run operations until the bytes or the queue run out.
+
+    The guest's side (ops 0-2 and 7-10) writes with ``poke``, straight into RAM: those
+    writes are the input, not code under test, and went through memory.py's checked path
+    at about ten times the cost.
+    """
     n = q.size
     in_flight: list[int] = []
-    guest_avail = mem.read_u16(q.avail + spec.AVAIL_IDX_OFF)
+    guest_avail = _U16.unpack(mem.peek(q.avail + spec.AVAIL_IDX_OFF, 2))[0]
     for _ in range(_MAX_OPS):
         if r.remaining == 0:
             return
@@ -415,7 +586,7 @@ def _run_ops(r: ByteReader, mem: _SpyMemory, q: SplitQueue) -> None:
                 q.add_used(head, r.u32())
             finally:
                 mem.device_phase = False
-            used_idx = mem.read_u16(q.used + spec.USED_IDX_OFF)
+            used_idx = _U16.unpack(mem.peek(q.used + spec.USED_IDX_OFF, 2))[0]
             _check(used_idx == (before + 1) & 0xFFFF, "used.idx did not advance by one")
         elif op in (5, 6):  # notification checks (2.7.7.2, 2.7.10)
             mem.device_phase = True
@@ -452,16 +623,42 @@ def _run_ops(r: ByteReader, mem: _SpyMemory, q: SplitQueue) -> None:
         elif op == 10:  # a run of chained descriptors (long chains, loops through the end)
             start, count = r.below(n), 1 + r.below(n)
             addr, length, flags = _fuzz_addr(r, mem) % (1 << 64), r.u32(), r.u8()
-            descs = bytearray(mem.read(q.desc, spec.desc_table_size(n)))
-            for k in range(count):
-                i = (start + k) % n
-                more = spec.VIRTQ_DESC_F_NEXT if k < count - 1 else 0
-                spec.DESC_STRUCT.pack_into(descs, 16 * i, addr, length, flags | more, (i + 1) % n)
-            _guest_write(mem, q.desc, bytes(descs))
+            _chain_run(mem, q.desc, n, start, count, (addr, length, flags))
+
+
+#: A descriptor as numpy lays it out: exactly spec.DESC_STRUCT's ``<QIHH``.
+_DESC_DTYPE: Final = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+
+
+def _chain_run(
+    mem: _ReusedMemory, table: int, n: int, start: int, count: int, desc: tuple[int, int, int]
+) -> None:
+    """Entries ``start .. start + count - 1`` (mod ``n``) of the table at ``table`` become one
+    chain: each ``desc`` with NEXT to the following entry, the last without NEXT.
+
+    Built as one array and written as at most two runs (the part up to the table's end, the
+    part that wrapped to its start), not entry by entry: at N = 32768 this op was most of the
+    target's time. RAM holds the table (the queue checked it), so nothing is dropped.
+    """
+    addr, length, flags = desc
+    index = (start + np.arange(count, dtype=np.int64)) % n
+    entries = np.empty(count, dtype=_DESC_DTYPE)
+    entries["addr"] = addr
+    entries["len"] = length
+    entries["flags"] = flags | spec.VIRTQ_DESC_F_NEXT
+    entries["flags"][-1] = flags
+    entries["next"] = (index + 1) % n
+    first = min(count, n - start)
+    raw = entries.tobytes()
+    mem.poke(table + spec.DESC_SIZE * start, raw[: spec.DESC_SIZE * first])
+    mem.poke(table, raw[spec.DESC_SIZE * first :])
+
+
+_U16: Final = struct.Struct("<H")
 
 
 def _u16(value: int) -> bytes:
-    return struct.pack("<H", value & 0xFFFF)
+    return _U16.pack(value & 0xFFFF)
 
 
 # ============================================================================================
@@ -516,39 +713,46 @@ def vring_image(data: bytes) -> None:
 #: RAM for the device targets, in pages: two regions with a hole (PFNs 24..31) between.
 _BALLOON_RAM: Final = ((0, 24 * PAGE_SIZE), (32 * PAGE_SIZE, 16 * PAGE_SIZE))
 _BALLOON_QUEUE_SIZES: Final = (1, 2, 4, 8, 16)
+_PROFILE_NAMES: Final = tuple(sorted(PROFILES))
 #: Rings and driver buffers live in the first pages, data pages after them.
 _RING_PAGES: Final = 6
 _PAGE_REASONS: Final = (OUT_OF_RAM, DUPLICATE, NOT_IN_BALLOON)
 _ALL_REASONS: Final = frozenset({*_PAGE_REASONS, "bad-length", "unaligned"})
 
 
-class _DiscardSpy(GuestMemory):
+class _DiscardSpy(_ReusedMemory):
     """Guest memory recording every discard, and refusing any that leaves guest RAM."""
 
-    discarded: list[tuple[int, int]]
+    def __init__(self, layout: Sequence[tuple[int, int]], backing: Backing = Backing.BYTES) -> None:
+        super().__init__(layout, backing)
+        self.discarded: list[tuple[int, int]] = []
+        #: RAM in whole pages, as bytes and as PFNs: fixed with the layout, so made once.
+        self.ram_bytes = [(first << PAGE_SHIFT, n << PAGE_SHIFT) for first, n in self.page_ranges()]
+        self.ram_pfns = frozenset(
+            p for first, n in self.page_ranges() for p in range(first, first + n)
+        )
 
     def discard(self, addr: int, length: int) -> DiscardResult:
-        ram = [(first << PAGE_SHIFT, count << PAGE_SHIFT) for first, count in self.page_ranges()]
         _check(
             length > 0
             and addr % PAGE_SIZE == 0
             and length % PAGE_SIZE == 0
-            and any(lo <= addr and addr + length <= lo + n for lo, n in ram),
+            and any(lo <= addr and addr + length <= lo + n for lo, n in self.ram_bytes),
             f"discard {addr:#x}+{length:#x} is not whole pages of guest RAM",
         )
         self.discarded.append((addr >> PAGE_SHIFT, length >> PAGE_SHIFT))
         return super().discard(addr, length)
 
-
-def _ram_pfns(mem: GuestMemory) -> set[int]:
-    return {p for first, count in mem.page_ranges() for p in range(first, first + count)}
+    def reset(self) -> None:
+        super().reset()
+        self.discarded = []
 
 
 def _expected_pages(
-    mem: GuestMemory,
+    mem: _ReusedMemory,
     buffers: Sequence[tuple[int, int]],
     sg: bool,
-    ram: set[int],
+    ram: frozenset[int],
     held: set[int],
     inflate: bool | None,
 ) -> tuple[set[int], dict[str, int]]:
@@ -560,7 +764,7 @@ def _expected_pages(
             if addr % PAGE_SIZE == 0 and length % PAGE_SIZE == 0:
                 pages.extend(range(addr >> PAGE_SHIFT, (addr + length) >> PAGE_SHIFT))
         elif length // 4 <= spec.PFNS_PER_BUFFER_MAX:
-            raw = mem.read(addr, length // 4 * 4)
+            raw = mem.peek(addr, length // 4 * 4)
             pages.extend(int(v) for v in np.frombuffer(raw, dtype="<u4"))
     accepted: set[int] = set()
     seen: set[int] = set()
@@ -592,29 +796,28 @@ def _result_pages(result: RequestResult) -> tuple[set[int], dict[str, int]]:
 def balloon_requests(data: bytes) -> None:
     """Hostile inflate/deflate/stats/reporting requests against the balloon device."""
     r = ByteReader(data)
-    profile = PROFILES[r.pick(sorted(PROFILES))]
+    profile = PROFILES[r.pick(_PROFILE_NAMES)]
     mask = r.u16()
     wanted = [f.name for i, f in enumerate(profile.bits) if mask >> i & 1]
     qsize = r.pick(_BALLOON_QUEUE_SIZES)
     strategy = DiscardStrategy.PER_PAGE if r.flag() else DiscardStrategy.PER_RANGE
-    with _DiscardSpy([Region(b, n, Backing.MEMFD) for b, n in _BALLOON_RAM]) as mem:
-        mem.discarded = []
-        device = BalloonDevice(mem, profile=profile, discard=strategy)
-        device.set_features(negotiate(device.offered, profile.encode(wanted)))
-        drivers: dict[BalloonQueue, MockDriverQueue] = {}
-        base = 0
-        for index, role in enumerate(device.queue_roles):
-            layout = RingLayout.packed(qsize, base)
-            base = layout.end
-            drivers[role] = MockDriverQueue(mem, layout, event_idx=device.has("ring-event-idx"))
-            device.attach_queue(index, layout.size, layout.desc, layout.avail, layout.used)
-        device.driver_ok()
-        heap_start = (base + 15) & ~15
-        _check(heap_start < _RING_PAGES * PAGE_SIZE, "rings do not fit their pages")
-        try:
-            _balloon_ops(r, mem, device, drivers, heap_start)
-        except VirtioError:
-            _check(device.broken is not None, "a VirtioError left the device unbroken")
+    mem = _memory(_DiscardSpy, _BALLOON_RAM, Backing.MEMFD)
+    device = BalloonDevice(mem, profile=profile, discard=strategy)
+    device.set_features(negotiate(device.offered, profile.encode(wanted)))
+    drivers: dict[BalloonQueue, MockDriverQueue] = {}
+    base = 0
+    for index, role in enumerate(device.queue_roles):
+        layout = RingLayout.packed(qsize, base)
+        base = layout.end
+        drivers[role] = MockDriverQueue(mem, layout, event_idx=device.has("ring-event-idx"))
+        device.attach_queue(index, layout.size, layout.desc, layout.avail, layout.used)
+    device.driver_ok()
+    heap_start = (base + 15) & ~15
+    _check(heap_start < _RING_PAGES * PAGE_SIZE, "rings do not fit their pages")
+    try:
+        _balloon_ops(r, mem, device, drivers, heap_start)
+    except VirtioError:
+        _check(device.broken is not None, "a VirtioError left the device unbroken")
 
 
 def _balloon_ops(
@@ -624,7 +827,7 @@ def _balloon_ops(
     drivers: Mapping[BalloonQueue, MockDriverQueue],
     heap_start: int,
 ) -> None:
-    ram = _ram_pfns(mem)
+    ram = mem.ram_pfns
     held: set[int] = set()
     sg = device.has("sg")
     roles = [q for q in (BalloonQueue.INFLATE, BalloonQueue.DEFLATE, BalloonQueue.REPORTING)]
@@ -678,7 +881,7 @@ def _balloon_ops(
 
 
 def _request_buffers(
-    r: ByteReader, mem: GuestMemory, heap: BumpAllocator, sg: bool
+    r: ByteReader, mem: _ReusedMemory, heap: BumpAllocator, sg: bool
 ) -> list[tuple[int, int]]:
     """Buffers of one inflate/deflate/reporting request, in the device's form."""
     out: list[tuple[int, int]] = []
@@ -698,7 +901,7 @@ def _request_buffers(
             addr = heap.alloc(len(raw), 4)
         except MemoryError:
             break
-        mem.write(addr, raw)
+        mem.poke(addr, raw)  # the heap is in RAM (the first pages)
         out.append((addr, len(raw)))
     return out
 
@@ -713,7 +916,7 @@ def _fuzz_pfn(r: ByteReader, ram_pages: int) -> int:
 
 def _stats_op(
     r: ByteReader,
-    mem: GuestMemory,
+    mem: _ReusedMemory,
     device: BalloonDevice,
     drv: MockDriverQueue,
     heap: BumpAllocator,
@@ -733,7 +936,7 @@ def _stats_op(
         addr = heap.alloc(len(raw), 8)
     except MemoryError:
         return
-    mem.write(addr, raw)
+    mem.poke(addr, raw)  # the heap is in RAM (the first pages)
     drv.add_chain([(addr, len(raw), False)])
     device.process(BalloonQueue.STATS)
     assert device.stats is not None
@@ -748,6 +951,8 @@ def _stats_op(
 
 _ROUNDTRIP_MEMORY: Final = 4 << 20
 _ROUNDTRIP_PAGES: Final = _ROUNDTRIP_MEMORY >> PAGE_SHIFT
+#: One region and no hole: the testbed's guest RAM (``GuestMemory.simple``), made once.
+_ROUNDTRIP_LAYOUT: Final = ((0, _ROUNDTRIP_MEMORY),)
 
 
 def driver_device_roundtrip(data: bytes) -> None:
@@ -765,7 +970,9 @@ def driver_device_roundtrip(data: bytes) -> None:
         seed=r.u8(),
         discard=DiscardStrategy.PER_PAGE if r.flag() else DiscardStrategy.PER_RANGE,
     )
-    with Testbed(cfg) as bed:
+    # The process's one guest RAM, all zero again: a fresh 4 MiB bytearray per input was
+    # the largest single cost of this target's set-up. The testbed does not close it.
+    with Testbed(cfg, _memory(_ReusedMemory, _ROUNDTRIP_LAYOUT)) as bed:
         seen: list[tuple[BalloonQueue, list[int]]] = []
         real_process = bed.device.process
 
