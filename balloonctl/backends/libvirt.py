@@ -484,7 +484,9 @@ class DomainEvents:
     the caller's loop, so the daemon rescans at once rather than at its next periodic rescan
     (which stays, as a safety net for events lost while this connection was down).
     :attr:`alive` turns False when libvirt reports the connection closed; the daemon opens
-    a new one at its next rescan.
+    a new one at its next rescan. A daemon managing several URIs has one per URI, and its
+    connection is opened and closed on that URI's worker (as the URI's calls are): a dead
+    link to one host holds up only that host's events.
     """
 
     def __init__(self, uri: str, on_change: Callable[[str], None]) -> None:
@@ -535,15 +537,23 @@ class DomainEvents:
                 raise _map_error(exc, self.uri, "domainEventRegisterAny", idempotent=False) from exc
             return conn, int(callback)
 
-        pending = _libvirt_thread().submit(register)
+        # On this URI's own worker, as its calls are: a registration stuck on a dead link
+        # to one host must not hold up another host's events or calls.
+        worker = _libvirt_thread().worker(self.uri)
+        pending = worker.submit(register)
         try:
             async with asyncio.timeout(timeout):
                 conn, callback = await asyncio.wrap_future(pending)
         except TimeoutError as exc:
-            pending.add_done_callback(_close_registered)
+            pending.add_done_callback(functools.partial(_close_registered, worker))
             raise OperationTimeout(
                 f"libvirt at {self.uri} did not answer within {timeout:g} s"
             ) from exc
+        except asyncio.CancelledError:
+            # The daemon forgot this URI (a reload) mid-open: a registration that completes
+            # anyway is closed, not leaked with its connection.
+            pending.add_done_callback(functools.partial(_close_registered, worker))
+            raise
         self._conn, self._callback = conn, callback
         self._closed = False
 
@@ -566,14 +576,17 @@ class DomainEvents:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
 
-        pending = _libvirt_thread().submit(close)
+        pending = _libvirt_thread().worker(self.uri).submit(close)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LibvirtBackend.CLOSE_WAIT_S):
                 await asyncio.shield(asyncio.wrap_future(pending))
 
 
-def _close_registered(future: concurrent.futures.Future[tuple[libvirt.virConnect, int]]) -> None:
-    """Close an event connection whose open completed after its caller gave up waiting."""
+def _close_registered(
+    worker: _Worker, future: concurrent.futures.Future[tuple[libvirt.virConnect, int]]
+) -> None:
+    """Close an event connection whose open completed after its caller gave up waiting
+    (on ``worker``, its URI's)."""
     if future.cancelled() or future.exception() is not None:
         return
     conn, callback = future.result()
@@ -584,7 +597,7 @@ def _close_registered(future: concurrent.futures.Future[tuple[libvirt.virConnect
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
-    _libvirt_thread().submit(close)
+    worker.submit(close)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ file and the key (``ConfigError``, exit 2): a corrupt config must never be half-
 It holds the VMs balloonctl manages (``[[vm]]``: ``list`` shows them, ``set`` keeps their
 floor, the daemon balances them) and the auto-balloon daemon's tables: ``[daemon]`` (tick,
 state directory, metrics endpoint), ``[host]`` (where host memory is read), ``[libvirt]``
-(domains to manage, with include/exclude globs and per-domain floors) and ``[policy]`` (the
-knobs of :mod:`balloonctl.daemon.policy`). Every default is on the dataclasses below or on
-:class:`~balloonctl.daemon.policy.PolicyConfig`, nowhere else; ``contrib/systemd/autoballoon.toml``
-shows them all. The ``[policy]`` knobs' dataclass lives with the pure policy that reads them,
-so the policy imports no file I/O; this module only builds it.
+(domains to manage, with include/exclude globs and per-domain floors; or ``[[libvirt]]``, one
+such table per libvirt URI, for a daemon managing the domains of several hosts) and
+``[policy]`` (the knobs of :mod:`balloonctl.daemon.policy`). Every default is on the
+dataclasses below or on :class:`~balloonctl.daemon.policy.PolicyConfig`, nowhere else;
+``contrib/systemd/autoballoon.toml`` shows them all. The ``[policy]`` knobs' dataclass
+lives with the pure policy that reads them, so the policy imports no file I/O; this module
+only builds it.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class DomainConfig:
 
 @dataclass(frozen=True, slots=True)
 class LibvirtConfig:
-    """``[libvirt]``: manage every running domain with a balloon on ``uri``."""
+    """``[libvirt]``, or one ``[[libvirt]]`` entry: manage every running domain with a balloon
+    on ``uri``."""
 
     uri: str
     #: fnmatch globs on domain names: a domain is managed when it matches an include and
@@ -118,13 +121,23 @@ class Config:
     vms: tuple[VmConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     host: HostConfig = field(default_factory=HostConfig)
-    libvirt: LibvirtConfig | None = None
+    #: The libvirt URIs to manage, in the file's order: ``[libvirt]`` is one entry,
+    #: ``[[libvirt]]`` one per table; the URIs are distinct. The first entry's domains keep
+    #: their bare names, the others' are named ``URI/domain`` (see :func:`member_name`).
+    libvirts: tuple[LibvirtConfig, ...] = ()
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @property
+    def libvirt(self) -> LibvirtConfig | None:
+        """The first libvirt entry (the only one of a ``[libvirt]`` table), or None.
+
+        For callers that take one URI; the daemon reads :attr:`libvirts`."""
+        return self.libvirts[0] if self.libvirts else None
 
     @property
     def manages_nothing(self) -> bool:
         """No ``[[vm]]`` and no ``[libvirt]``: a daemon would have nothing to manage."""
-        return not self.vms and self.libvirt is None
+        return not self.vms and not self.libvirts
 
     def find(self, vm: str) -> VmConfig | None:
         """The entry a VM name (entry name, socket path or ``unix:`` address) refers to.
@@ -147,6 +160,21 @@ class Config:
             if vm == entry.name:
                 return entry.qmp
         return vm
+
+
+def member_name(config: Config, uri: str, domain: str) -> str:
+    """The name the daemon gives libvirt domain ``domain`` of ``uri``: in its log, its state
+    file and its metrics' ``vm`` label.
+
+    The first libvirt entry's domains keep their bare names, so a ``[libvirt]`` table names
+    them as it always did and adding a second host renames nothing on the first; every
+    other entry's are ``URI/domain``. Fixed by the configuration alone, never by which
+    domains happen to run: a name that changed when another host started a domain of the
+    same name would hand one VM's remembered target to another. libvirt refuses a ``/`` in
+    a domain name, so ``URI/domain`` is never a bare domain name of the first entry.
+    """
+    first = config.libvirts[0].uri if config.libvirts else None
+    return domain if uri == first else f"{uri}/{domain}"
 
 
 def _file_key(path: str) -> tuple[int, int] | str:
@@ -221,7 +249,7 @@ def _parse(path: str, data: dict[str, Any]) -> Config:
         vms,
         daemon=daemon,
         host=_host(path, _table(path, data, "host")),
-        libvirt=_libvirt(path, data),
+        libvirts=_libvirts(path, data),
         policy=policy,
     )
 
@@ -389,11 +417,35 @@ def _host(path: str, table: dict[str, Any]) -> HostConfig:
     )
 
 
-def _libvirt(path: str, data: dict[str, Any]) -> LibvirtConfig | None:
+def _libvirts(path: str, data: dict[str, Any]) -> tuple[LibvirtConfig, ...]:
+    """``[libvirt]`` (one table: one entry) or ``[[libvirt]]`` (an array of tables: one
+    entry each); TOML itself tells the two apart. Two entries of one URI are refused: two
+    sets of globs and floors for the same domains would fight over them."""
     if "libvirt" not in data:
-        return None
-    table = _table(path, data, "libvirt")
-    where = f"{path}: libvirt"
+        return ()
+    value = data["libvirt"]
+    if isinstance(value, dict):
+        return (_libvirt(f"{path}: libvirt", value),)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"{path}: libvirt: must be a table ([libvirt]) or an array of tables ([[libvirt]])"
+        )
+    entries: list[LibvirtConfig] = []
+    for i, table in enumerate(value):
+        where = f"{path}: libvirt[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        entry = _libvirt(where, table)
+        for j, other in enumerate(entries):
+            if other.uri == entry.uri:
+                raise ConfigError(
+                    f"{where}.uri: {entry.uri!r} is libvirt[{j}]'s too (one entry per URI)"
+                )
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _libvirt(where: str, table: dict[str, Any]) -> LibvirtConfig:
     _known(where, table, {"uri", "include", "exclude", "min", "shares", "domain"})
     if "uri" not in table:
         raise ConfigError(f'{where}.uri: required, a libvirt URI such as "qemu:///system"')

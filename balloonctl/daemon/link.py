@@ -26,7 +26,7 @@ from typing import Final, Protocol, runtime_checkable
 
 from balloonctl.backends.base import ActualWatch, Backend, GuestStats
 from balloonctl.backends.open import open_backend
-from balloonctl.daemon.config import Config
+from balloonctl.daemon.config import Config, member_name
 from balloonctl.daemon.policy import Decision, VmMemory, VmState
 from balloonctl.errors import BadStatistics, BalloonError
 from balloonctl.units import format_size
@@ -94,23 +94,29 @@ class Member:
     uri: str | None = None
 
 
-def members(config: Config, domains: Iterable[str]) -> list[Member]:
-    """The VMs ``config`` manages: its ``[[vm]]``s, then the libvirt ``domains`` that pass
-    the include/exclude globs (a domain named like a ``[[vm]]`` is left to the ``[[vm]]``:
-    names key the state files and the log, so they must be unique)."""
+def members(config: Config, domains: Mapping[str, Iterable[str]]) -> list[Member]:
+    """The VMs ``config`` manages: its ``[[vm]]``s, then, for each libvirt entry in the
+    file's order, the domains ``domains[uri]`` lists that pass its include/exclude globs.
+
+    Names key the state files, the log and the metrics' ``vm`` label, so they must be unique:
+    a libvirt domain is named by :func:`~balloonctl.daemon.config.member_name` (bare on the
+    first URI, ``URI/domain`` on the others), and one whose name is a ``[[vm]]``'s is left
+    to the ``[[vm]]``. Each member keeps its bare domain name as its address, and its URI.
+    """
     out = [Member(vm.name, vm.min, vm.shares, vm.qmp) for vm in config.vms]
     names = {m.name for m in out}
-    lv = config.libvirt
-    if lv is not None:
-        for domain in sorted(domains):
-            if domain in names:
+    for lv in config.libvirts:
+        for domain in sorted(domains.get(lv.uri, ())):
+            name = member_name(config, lv.uri, domain)
+            if name in names:
                 continue
             if not any(fnmatch.fnmatchcase(domain, g) for g in lv.include):
                 continue
             if any(fnmatch.fnmatchcase(domain, g) for g in lv.exclude):
                 continue
             entry = lv.domain(domain)
-            out.append(Member(domain, entry.min, entry.shares, domain, lv.uri))
+            out.append(Member(name, entry.min, entry.shares, domain, lv.uri))
+            names.add(name)
     return out
 
 

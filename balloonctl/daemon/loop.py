@@ -11,12 +11,16 @@ Unlike oVirt MoM there is no thread per guest: one asyncio loop serves all of th
 VM that hangs costs its own slot only, never the tick (each VM's collection runs as its own
 task, and the tick goes on without the ones not back by its deadline).
 
-VMs come from ``[[vm]]`` (QMP sockets) and from ``[libvirt]`` (every running domain with a
-balloon, filtered by include/exclude globs). libvirt's lifecycle events (a domain started,
-stopped, crashed, undefined) make the next tick rescan, so a new domain is managed from the
-next tick on; the rescan every ``RESCAN_S`` stays as a safety net for events lost while the
-event connection was down. VMs appearing and vanishing are normal: each Link retries its
-own with backoff.
+VMs come from ``[[vm]]`` (QMP sockets) and from ``[libvirt]`` or each ``[[libvirt]]`` entry
+(every running domain with a balloon on that URI, filtered by include/exclude globs).
+libvirt's lifecycle events (a domain started, stopped, crashed, undefined) make the next tick
+rescan that URI, so a new domain is managed from the next tick on; the rescan every
+``RESCAN_S`` stays as a safety net for events lost while the event connection was down.
+Each URI is listed, and its events followed, apart from the others (its own task, and the
+libvirt backend's worker thread of that URI): a host that does not answer delays only its
+own domains' discovery, and the tick waits for a listing only ``DISCOVER_SHARE`` of the
+interval (a late one is used at the next tick). VMs appearing and vanishing are normal: each
+Link retries its own with backoff.
 
 On stop, with ``[daemon] restore``, the VMs the daemon shrank get their RAM back, at
 ``restore_rate`` bytes a second, for at most ``restore_timeout`` seconds (:meth:`Daemon.restore`).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -33,10 +38,10 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
-from balloonctl.daemon.config import Config
+from balloonctl.daemon.config import Config, member_name
 from balloonctl.daemon.config import load as load_config
 from balloonctl.daemon.host import read_host
 from balloonctl.daemon.link import FULL_RESYNC_TICKS, BackendFactory, Link, backend_for, members
@@ -57,6 +62,10 @@ RESCAN_S: Final = 10.0
 CONNECT_CONCURRENCY: Final = 64
 #: Share of the interval a tick may spend waiting for the VMs' answers.
 COLLECT_SHARE: Final = 0.6
+#: Share of the interval a tick waits for the libvirt listings it started: a local one takes
+#: milliseconds, and a host that does not answer must not take the tick of every other
+#: host's domains with it (its listing goes on, and is used at a later tick).
+DISCOVER_SHARE: Final = 0.25
 #: The cyclic GC's thresholds while the daemon runs (CPython's default: 700, 10, 10).
 #: Every tick allocates tens of thousands of short-lived containers (a task, a reply, the
 #: statistics per VM) while up to 1000 collections are in flight: at 700 a young
@@ -78,6 +87,28 @@ class _Events(Protocol):
     def alive(self) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Discovery:
+    """One libvirt URI's domain discovery: its last listing, its rescan and its events."""
+
+    uri: str
+    #: The running domains with a balloon at the last listing that answered (none before
+    #: the first): a host that stops answering keeps its domains, whose Links then go
+    #: down and retry on their own.
+    domains: list[str] = field(default_factory=list)
+    #: When the next rescan is due (time.monotonic()); 0: at the next tick.
+    due: float = 0.0
+    #: The rescan in flight, as its own task; none is started while one runs.
+    scan: asyncio.Task[None] | None = None
+    #: Lifecycle events of this URI: a libvirt.DomainEvents, or None.
+    events: _Events | None = None
+    #: Why the last listing failed (None: it answered): logged once when it starts failing
+    #: and once when it answers again, not at every rescan of a host that is down.
+    failing: str | None = None
+    #: The domains last warned about as named like a [[vm]] (warned once each).
+    clash: frozenset[str] = frozenset()
 
 
 class _GcTuning:
@@ -156,8 +187,8 @@ class Daemon:
         self.store = None if dry_run else StateStore(directory)
         self.links: dict[str, Link] = {}
         self.tick_no = 0
-        self.domains: list[str] = []
-        self._rescan_at = 0.0
+        #: Each configured libvirt URI's discovery, by URI.
+        self._hosts: dict[str, _Discovery] = {}
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._reload = False
@@ -171,14 +202,11 @@ class Daemon:
         self._refreeze_tick = 0
         #: Whether this daemon holds the GC tuning (see GC_THRESHOLDS).
         self._gc_tuned = False
-        #: libvirt lifecycle events ([libvirt] only): a libvirt.DomainEvents, or None.
-        self._events: _Events | None = None
         #: Seconds of the periodic rescan (a test sets it long to show events suffice).
         self.rescan_s = RESCAN_S
         #: Whether to follow libvirt's lifecycle events (off: the rescan alone, as before
         #: events were used; for the discovery-latency measurement).
         self.use_events = True
-        self._closing: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -203,7 +231,9 @@ class Daemon:
         if self._gc_tuned:
             self._gc_tuned = False
             _GcTuning.release()
-        await self._close_events()
+        hosts = list(self._hosts.values())
+        self._hosts.clear()
+        await asyncio.gather(*(self._forget(found) for found in hosts))
         await asyncio.gather(*(self._drop(link) for link in list(self.links.values())))
         if self.metrics is not None:
             self.metrics.close()
@@ -250,12 +280,11 @@ class Daemon:
             if fresh.daemon.interval != self.config.daemon.interval:
                 for link in self.links.values():
                     link.resync_due = True  # the stats period follows the interval
-            if fresh.libvirt is None or (
-                self.config.libvirt is not None and fresh.libvirt.uri != self.config.libvirt.uri
-            ):
-                self._drop_events_later()
             self.config = fresh
-            self._rescan_at = 0.0
+            # Every URI rescanned at the next tick; one no longer configured is forgotten
+            # there (its events closed), one still configured keeps its events.
+            for found in self._hosts.values():
+                found.due = 0.0
             log.info("configuration reloaded from %s", path)
         self.notifier.ready(self._status_text(None))
 
@@ -309,7 +338,7 @@ class Daemon:
         started = time.monotonic()
         self.tick_no += 1
         tick = self.tick_no
-        await self._reconcile()
+        await self._reconcile(settle=settle)
         answered = await self._collect(tick, settle=settle)
         if self._stop.is_set():
             return self._report(tick, None, None, answered, 0, started, STOPPED)
@@ -362,31 +391,11 @@ class Daemon:
         self._frozen_at = connected
         self._refreeze_tick = tick + FULL_RESYNC_TICKS
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, *, settle: bool = False) -> None:
         """Bring ``links`` in line with the configuration and libvirt's domains."""
-        lv = self.config.libvirt
-        if lv is not None and time.monotonic() >= self._rescan_at:
-            self._rescan_at = time.monotonic() + self.rescan_s
-            if self.use_events:
-                await self._open_events(lv.uri)
-            try:
-                # Here, not at the top: libvirt-python is optional, and a daemon of [[vm]]s
-                # only never loads it (its absence is the ImportError below).
-                from balloonctl.backends.libvirt import list_balloon_domains  # noqa: PLC0415
-
-                rows = await list_balloon_domains(
-                    lv.uri, timeout=self.config.daemon.command_timeout
-                )
-            except (BalloonError, ImportError) as exc:
-                log.warning("libvirt %s: cannot list domains: %s", lv.uri, exc)
-            else:
-                self.domains = [row.name for row in rows]
-                clash = {vm.name for vm in self.config.vms} & set(self.domains)
-                for name in sorted(clash):
-                    log.warning("libvirt domain %s has a [[vm]]'s name; managing the [[vm]]", name)
-        elif lv is None:
-            self.domains = []
-        wanted = {m.name: m for m in members(self.config, self.domains)}
+        await self._discover(settle=settle)
+        domains = {uri: found.domains for uri, found in self._hosts.items()}
+        wanted = {m.name: m for m in members(self.config, domains)}
         for name, link in list(self.links.items()):
             member = wanted.get(name)
             if member is None:
@@ -401,43 +410,104 @@ class Daemon:
                 memory = self.store.load(name) if self.store is not None else VmMemory()
                 self.links[name] = Link(member, memory)
 
-    async def _open_events(self, uri: str) -> None:
-        """Follow libvirt's lifecycle events on ``uri`` (again, if the connection closed).
+    async def _discover(self, *, settle: bool) -> None:
+        """Start the rescans that are due, one task per URI, and wait a little for them.
 
-        Tried at each rescan; a failure is logged at debug level only, since the rescan
-        that follows says the same in its own warning."""
-        events = self._events
-        if events is not None and events.alive and events.uri == uri:
+        A URI no longer configured is forgotten. The tick waits for the listings it started
+        ``DISCOVER_SHARE`` of the interval (``--once``: as long as a listing may take); a
+        listing still running after that keeps its task, and is used when it is done.
+        """
+        configured = [lv.uri for lv in self.config.libvirts]
+        for uri in [uri for uri in self._hosts if uri not in configured]:
+            await self._forget(self._hosts.pop(uri))
+        now = time.monotonic()
+        started: list[asyncio.Task[None]] = []
+        for uri in configured:
+            found = self._hosts.get(uri)
+            if found is None:
+                found = self._hosts[uri] = _Discovery(uri)
+            if now < found.due or (found.scan is not None and not found.scan.done()):
+                continue
+            found.due = now + self.rescan_s
+            found.scan = asyncio.create_task(self._scan(found), name=f"rescan {uri}")
+            started.append(found.scan)
+        if started:
+            timeout = self.config.daemon.command_timeout
+            budget = 2 * timeout + 1 if settle else self.config.daemon.interval * DISCOVER_SHARE
+            await self._wait_or_stop(asyncio.wait(started, timeout=budget), budget)
+
+    async def _scan(self, found: _Discovery) -> None:
+        """One URI's rescan: (re)open its lifecycle events, then list its domains."""
+        uri = found.uri
+        if self.use_events:
+            await self._open_events(found)
+        try:
+            # Here, not at the top: libvirt-python is optional, and a daemon of [[vm]]s
+            # only never loads it (its absence is the ImportError below).
+            from balloonctl.backends.libvirt import list_balloon_domains  # noqa: PLC0415
+
+            rows = await list_balloon_domains(uri, timeout=self.config.daemon.command_timeout)
+        except (BalloonError, ImportError) as exc:
+            if found.failing is None:
+                log.warning("libvirt %s: cannot list domains: %s", uri, exc)
+            found.failing = str(exc)
             return
-        await self._close_events()
+        if found.failing is not None:
+            log.info("libvirt %s: listing domains again", uri)
+            found.failing = None
+        found.domains = [row.name for row in rows]
+        vms = {vm.name for vm in self.config.vms}
+        clash = frozenset(d for d in found.domains if member_name(self.config, uri, d) in vms)
+        for name in sorted(clash - found.clash):
+            log.warning("libvirt domain %s has a [[vm]]'s name; managing the [[vm]]", name)
+        found.clash = clash
+
+    async def _open_events(self, found: _Discovery) -> None:
+        """Follow libvirt's lifecycle events on ``found``'s URI (again, if the connection
+        closed).
+
+        Tried at each rescan; a failure is logged at debug level only, since the listing
+        that follows says the same in its own warning."""
+        uri = found.uri
+        events = found.events
+        if events is not None and events.alive:
+            return
+        found.events = None
+        if events is not None:
+            await events.close()
         try:
             from balloonctl.backends.libvirt import DomainEvents  # noqa: PLC0415
 
-            fresh = DomainEvents(uri, self._domain_changed)
+            fresh = DomainEvents(uri, functools.partial(self._domain_changed, uri))
             await fresh.open(self.config.daemon.command_timeout)
         except (BalloonError, ImportError) as exc:
             log.debug("libvirt %s: no lifecycle events: %s", uri, exc)
             return
-        self._events = fresh
+        if self._hosts.get(uri) is not found:  # forgotten (a reload) while it opened
+            await fresh.close()
+            return
+        found.events = fresh
         log.debug("libvirt %s: following lifecycle events", uri)
 
-    def _domain_changed(self, name: str) -> None:
-        """A domain started, stopped, crashed or was undefined: rescan at the next tick."""
-        log.debug("libvirt: lifecycle event of %s; rescanning at the next tick", name)
-        self._rescan_at = 0.0
+    def _domain_changed(self, uri: str, name: str) -> None:
+        """A domain started, stopped, crashed or was undefined: rescan ``uri`` at the next
+        tick."""
+        log.debug("libvirt %s: lifecycle event of %s; rescanning at the next tick", uri, name)
+        found = self._hosts.get(uri)
+        if found is not None:
+            found.due = 0.0
 
-    async def _close_events(self) -> None:
-        events, self._events = self._events, None
+    async def _forget(self, found: _Discovery) -> None:
+        """Stop discovering on a URI (no longer configured, or the daemon stops): its rescan
+        cancelled, its events closed (not waited for beyond a moment: see DomainEvents)."""
+        scan, found.scan = found.scan, None
+        if scan is not None and not scan.done():
+            scan.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await scan
+        events, found.events = found.events, None
         if events is not None:
             await events.close()
-
-    def _drop_events_later(self) -> None:
-        """On a reload that changes or removes [libvirt]: the next rescan reopens."""
-        events, self._events = self._events, None
-        if events is not None:
-            task = asyncio.ensure_future(events.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
 
     async def _drop(self, link: Link) -> None:
         self.links.pop(link.name, None)

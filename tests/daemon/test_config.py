@@ -1,5 +1,6 @@
-"""The daemon's configuration tables: [daemon], [host], [libvirt] (+ [[libvirt.domain]]) and
-[policy]. Every key parsed, every default, and every error naming the file and the key."""
+"""The daemon's configuration tables: [daemon], [host], [libvirt] or [[libvirt]] (+
+[[libvirt.domain]]) and [policy]. Every key parsed, every default, and every error naming the
+file and the key."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from balloonctl.daemon.config import (
     HostConfig,
     LibvirtConfig,
     load,
+    member_name,
 )
+from balloonctl.daemon.link import Member, members
 from balloonctl.daemon.policy import PolicyConfig
+from balloonctl.daemon.statestore import StateStore
 from balloonctl.errors import ConfigError, UsageError
 from tests.support.cli import one_line_error, run_cli
 
@@ -541,3 +545,154 @@ def test_two_vm_entries_on_one_socket_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError):
         load(str(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# [[libvirt]]: several libvirt URIs, one daemon
+# --------------------------------------------------------------------------------------------
+
+TWO_HOSTS = """\
+[[libvirt]]
+uri = "qemu:///system"
+min = "1G"
+[[libvirt.domain]]
+name = "db-1"
+min = "2G"
+
+[[libvirt]]
+uri = "qemu+tcp://10.0.0.2/system"
+include = ["web-*"]
+exclude = ["web-test*"]
+shares = 500
+[[libvirt.domain]]
+name = "db-1"
+shares = 4000
+"""
+
+
+def test_the_table_form_is_one_entry(tmp_path: Path) -> None:
+    """``[libvirt]`` parses as it always did: one entry, also seen as ``libvirt``."""
+    config = load_text(tmp_path, "[libvirt]\nuri = 'qemu:///system'\nmin = '1G'\n")
+    assert config.libvirts == (LibvirtConfig("qemu:///system", min=GiB),)
+    assert config.libvirt == config.libvirts[0]
+    assert not config.manages_nothing
+
+
+def test_the_list_form_is_one_entry_per_table(tmp_path: Path) -> None:
+    """``[[libvirt]]``: each table its own URI, globs, floors and ``[[libvirt.domain]]``s
+    (a ``[[libvirt.domain]]`` belongs to the ``[[libvirt]]`` above it, as TOML nests it)."""
+    config = load_text(tmp_path, TWO_HOSTS)
+    assert config.libvirts == (
+        LibvirtConfig("qemu:///system", min=GiB, domains=(DomainConfig("db-1", 2 * GiB),)),
+        LibvirtConfig(
+            "qemu+tcp://10.0.0.2/system",
+            include=("web-*",),
+            exclude=("web-test*",),
+            shares=500,
+            domains=(DomainConfig("db-1", 0, 4000),),
+        ),
+    )
+    assert config.libvirt == config.libvirts[0]
+    assert not config.manages_nothing
+
+
+def test_one_list_entry_is_the_table_form(tmp_path: Path) -> None:
+    """One ``[[libvirt]]`` is the same configuration as one ``[libvirt]``."""
+    table = load_text(tmp_path, "[libvirt]\nuri = 'qemu:///system'\ninclude = ['a*']\n")
+    listed = load_text(tmp_path, "[[libvirt]]\nuri = 'qemu:///system'\ninclude = ['a*']\n")
+    assert table.libvirts == listed.libvirts
+
+
+def test_no_libvirt_is_no_entry(tmp_path: Path) -> None:
+    config = load_text(tmp_path, "[[vm]]\nqmp = '/run/a.sock'\n")
+    assert config.libvirts == ()
+    assert config.libvirt is None
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (
+            "[[libvirt]]\nuri = 'qemu:///system'\n[[libvirt]]\nuri = 'qemu:///system'\n",
+            "libvirt[1].uri: 'qemu:///system' is libvirt[0]'s too (one entry per URI)",
+        ),
+        (
+            "[[libvirt]]\nuri = 'a'\n[[libvirt]]\nuri = 'b'\n[[libvirt]]\nuri = 'a'\n",
+            "libvirt[2].uri: 'a' is libvirt[0]'s too",
+        ),
+        ("[[libvirt]]\nuri = 'a'\n[[libvirt]]\ninclude = ['x']\n", "libvirt[1].uri: required"),
+        ("[[libvirt]]\nuri = 'a'\n[[libvirt]]\nuri = 'b'\nurl = 'c'\n", "libvirt[1].url: unknown"),
+        ("[[libvirt]]\nuri = 'a'\nmin = 'lots'\n", "libvirt[0].min:"),
+        (
+            "[[libvirt]]\nuri = 'a'\n[[libvirt]]\nuri = 'b'\n[[libvirt.domain]]\nname = 7\n",
+            "libvirt[1].domain[0].name:",
+        ),
+        (
+            "[[libvirt]]\nuri = 'a'\n[[libvirt.domain]]\nname = 'x'\n"
+            "[[libvirt.domain]]\nname = 'x'\n",
+            "libvirt[0].domain[1].name: 'x' is used twice",
+        ),
+        ("libvirt = []\n", "libvirt: must be a table ([libvirt]) or an array of tables"),
+        ("libvirt = ['qemu:///system']\n", "libvirt[0]: must be a table"),
+        ("libvirt = [{uri = 'a'}, 5]\n", "libvirt[1]: must be a table"),
+    ],
+    ids=[
+        "same-uri",
+        "same-uri-later",
+        "no-uri",
+        "unknown-key",
+        "bad-min",
+        "bad-domain",
+        "domain-twice",
+        "empty-array",
+        "array-of-strings",
+        "array-with-a-number",
+    ],
+)
+def test_list_form_errors(tmp_path: Path, text: str, key: str) -> None:
+    """Each refused in one line naming the file and the entry by its index."""
+    assert key in error(tmp_path, text)
+
+
+def test_list_form_error_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    """Two entries of one URI stop ``balloonctl daemon`` with exit 2 and one line."""
+    path = write(
+        tmp_path, "[[libvirt]]\nuri = 'test:///default'\n[[libvirt]]\nuri = 'test:///default'\n"
+    )
+    result = run_cli("--config", path, "daemon", "--once", "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "libvirt[1].uri" in one_line_error(result.stderr)
+
+
+def test_member_names_first_uri_bare_the_others_qualified(tmp_path: Path) -> None:
+    """The naming rule: the first entry's domains keep their bare names (a ``[libvirt]``
+    file names its VMs as before), every other entry's are ``URI/domain``, whatever runs
+    where; so a name on two hosts is two VMs, two state files and two metric labels. A
+    ``[[vm]]`` keeps its name and a domain named like it is left out, as before."""
+    config = load_text(tmp_path, TWO_HOSTS + "[[vm]]\nname = 'db-9'\nqmp = '/run/db-9.sock'\n")
+    remote = "qemu+tcp://10.0.0.2/system"
+    assert member_name(config, "qemu:///system", "db-1") == "db-1"
+    assert member_name(config, remote, "db-1") == f"{remote}/db-1"
+    found = members(
+        config,
+        {
+            "qemu:///system": ["db-1", "web-1", "db-9"],
+            remote: ["db-1", "web-1", "web-test1", "other"],
+        },
+    )
+    assert found == [
+        Member("db-9", 0, DEFAULT_SHARES, "/run/db-9.sock"),
+        Member("db-1", 2 * GiB, DEFAULT_SHARES, "db-1", "qemu:///system"),
+        Member("web-1", GiB, DEFAULT_SHARES, "web-1", "qemu:///system"),
+        Member(f"{remote}/web-1", 0, 500, "web-1", remote),
+    ]
+    # db-1 is not in the remote entry's include: its [[libvirt.domain]] gives shares only
+    # to a domain that is managed. With a wider include it is managed under its long name.
+    assert len({m.name for m in found}) == len(found)
+    store = StateStore(str(tmp_path / "state"))
+    paths = {store._path(m.name) for m in found}  # the state file each name keys
+    assert len(paths) == len(found)
+    # The names depend on the configuration only: the second host's web-1 keeps its long
+    # name when the first host has no web-1 running.
+    alone = members(config, {remote: ["web-1"]})
+    assert [m.name for m in alone] == ["db-9", f"{remote}/web-1"]
