@@ -498,6 +498,16 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
     for work in live:
         _assess(work, knobs, mode)
 
+    # Raises to a floor are decided early, without the host view, and are sent whatever the
+    # host has: what they take this tick is not there for anyone else to grow into. (Left
+    # out, a guest raised to its floor and its neighbours growing back in the same tick
+    # could together push a calm host under host_low, and the neighbours gave it back.)
+    raised = sum(
+        w.early.target - w.early.current
+        for w in works
+        if w.early is not None and w.early.send and w.early.target > w.early.current
+    )
+
     low_line = host.total * knobs.host_low / 100.0
     mid_line = host.total * (knobs.host_low + knobs.host_high) / 200.0
     high_line = host.total * knobs.host_high / 100.0
@@ -532,9 +542,10 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
             )
 
     # 3. Feed the hungry: first from what was released, then from the host above host_low.
-    funds = released + int(max(0.0, host.available - low_line))
+    funds = released + int(max(0.0, host.available - low_line - raised))
     if mode is HostMode.CRITICAL:
-        funds = released + int(max(0.0, host.available - host.total * knobs.host_critical / 100))
+        critical_line = host.total * knobs.host_critical / 100
+        funds = released + int(max(0.0, host.available - critical_line - raised))
     grants = _share_out(min(funds, want_total), wants, [max(w.state.shares, 1) for w in hungry])
     spent = 0
     for work, grant in zip(hungry, grants, strict=True):
@@ -549,7 +560,7 @@ def decide(host: HostState, vms: Sequence[VmState], knobs: PolicyConfig, tick: i
 
     # 4. Calm: everyone else may grow back toward its maximum out of what lies above host_high.
     if mode is HostMode.CALM:
-        budget = int(max(0.0, host.available - high_line)) - spent
+        budget = int(max(0.0, host.available - high_line - raised)) - spent
         growers = [
             w for w in live if w.delta == 0 and w.state.actual < w.state.maximum and not w.pressured
         ]
