@@ -305,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seed.add_argument("--plot", metavar="PNG", help="draw the stage breakdown (matplotlib)")
     seed.set_defaults(func=_cmd_bench_seed)
+    vring_parse = bench_cmds.add_parser(
+        "vring-parse",
+        help="vring parse on the worst legal 64 MiB rings: wall time and peak RSS vs 2 s / 512 MB",
+    )
+    vring_parse.add_argument(
+        "--image",
+        action="append",
+        dest="images",
+        metavar="KIND",
+        help="only this worst case (repeatable; default all)",
+    )
+    vring_parse.add_argument("--repeat", default=3, type=_count, help="runs per image (default 3)")
+    vring_parse.add_argument("--queue-size", default=32768, type=_count, help="(default 32768)")
+    vring_parse.add_argument("--memory", default="64M", type=_size, help="image size (default 64M)")
+    vring_parse.add_argument(
+        "--timeout", default=30, type=_count, help="seconds before a run is killed (default 30)"
+    )
+    vring_parse.set_defaults(func=_cmd_bench_vring_parse)
 
     real = bench_cmds.add_parser(
         "real",
@@ -842,6 +860,22 @@ def _cmd_bench_seed(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, args.plot)
     return _emit(args, report, format_report)
+
+
+def _cmd_bench_vring_parse(args: argparse.Namespace) -> int:
+    """Time ``vring parse`` on the worst legal rings, each in a child process."""
+    from balloonctl.bench import vring_parse  # noqa: PLC0415
+
+    unknown = set(args.images or ()) - set(vring_parse.WORST_CASES)
+    if unknown:
+        raise UsageError(
+            f"no worst case {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(vring_parse.WORST_CASES)})"
+        )
+    report = vring_parse.run(
+        args.images, max(1, args.repeat), args.queue_size, args.memory, max(1, args.timeout)
+    )
+    return _emit(args, report, vring_parse.format_report)
 
 
 def exit_code(exc: BalloonError) -> int:

@@ -99,12 +99,32 @@ def gather(mem: GuestMemory, chain: Chain, form: RequestForm, *, queue: str) -> 
     return _gather_pfn(mem, chain)
 
 
-def _gather_pfn(mem: GuestMemory, chain: Chain) -> Gathered:
-    arrays: list[PfnArray] = []
-    sources: list[int] = []
-    counts: list[int] = []
-    rejections: list[Rejection] = []
-    pfn_bytes = 0
+@dataclass
+class PfnBuffers:
+    """An inflate/deflate chain's PFN arrays as raw bytes, not yet decoded.
+
+    :func:`gather` decodes them at once; ``vring parse`` collects those of thousands of
+    chains and decodes them together (:func:`balloonctl.virtio.pages.classify_batch`).
+    """
+
+    raw: list[bytes] = field(default_factory=list)
+    #: The descriptor that carried each array, and its PFN count.
+    sources: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    pfn_bytes: int = 0
+
+
+def pfn_buffers(mem: GuestMemory, chain: Chain, *, queue: str) -> PfnBuffers:
+    """The PFN arrays of an inflate or deflate chain (5.5.6), after the direction rule and
+    the per-buffer ones (:func:`gather`'s, for the legacy form)."""
+    require_direction(chain, writable=False, queue=queue)
+    return _pfn_arrays(mem, chain)
+
+
+def _pfn_arrays(mem: GuestMemory, chain: Chain) -> PfnBuffers:
+    out = PfnBuffers()
+    rejections = out.rejections
     for desc in chain:
         whole, rest = divmod(desc.len, 4)
         if whole > spec.PFNS_PER_BUFFER_MAX:
@@ -130,17 +150,21 @@ def _gather_pfn(mem: GuestMemory, chain: Chain) -> Gathered:
             )
         if whole == 0:
             continue
-        raw = mem.read(desc.addr, whole * 4)
-        pfn_bytes += whole * 4
-        arrays.append(np.frombuffer(raw, dtype="<u4").astype(np.int64))
-        sources.append(desc.index)
-        counts.append(whole)
-    if not arrays:
+        out.raw.append(mem.read(desc.addr, whole * 4))
+        out.pfn_bytes += whole * 4
+        out.sources.append(desc.index)
+        out.counts.append(whole)
+    return out
+
+
+def _gather_pfn(mem: GuestMemory, chain: Chain) -> Gathered:
+    got = _pfn_arrays(mem, chain)  # gather() checked the direction
+    if not got.raw:
         empty = np.empty(0, dtype=np.int64)
-        return Gathered(empty, empty.copy(), rejections, pfn_bytes)
-    pfns = np.concatenate(arrays)
-    source = np.repeat(np.asarray(sources, dtype=np.int64), counts)
-    return Gathered(pfns, source, rejections, pfn_bytes)
+        return Gathered(empty, empty.copy(), got.rejections, got.pfn_bytes)
+    pfns = np.frombuffer(b"".join(got.raw), dtype="<u4").astype(np.int64)
+    source = np.repeat(np.asarray(got.sources, dtype=np.int64), got.counts)
+    return Gathered(pfns, source, got.rejections, got.pfn_bytes)
 
 
 def _gather_sg(chain: Chain) -> Gathered:
