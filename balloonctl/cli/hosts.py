@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tomllib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from balloonctl.daemon.config import read_toml
 from balloonctl.errors import BalloonError, ConfigError, UsageError
 
 log = logging.getLogger("balloonctl")
@@ -75,19 +75,7 @@ class HostOutcome:
 def load_inventory(path: str) -> list[Host]:
     """The hosts of an inventory file; anything unusable is a one-line ConfigError (exit 2)
     naming the file and the key, so a typo never becomes a host that silently fails."""
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such file") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-    except ValueError as exc:  # an integer of over 4300 digits (see daemon/config.py)
-        raise ConfigError(f"{path}: not valid TOML: a number too long to read") from exc
+    data = read_toml(path)
     for key in data:
         if key != "host":
             raise ConfigError(f"{path}: {key}: unknown table (an inventory has only [[host]])")

@@ -200,18 +200,13 @@ def default_path() -> str | None:
     return None
 
 
-def load(path: str | None) -> Config:
-    """Read ``path`` (None: :func:`default_path`, and no file there is an empty config)."""
-    explicit = path is not None
-    path = path if explicit else default_path()
-    if path is None:
-        return Config(None)
+def read_toml(path: str) -> dict[str, Any]:
+    """A TOML file's tables, or a one-line :class:`ConfigError` naming the file: the one
+    reader of balloonctl's TOML files (this configuration and the CLI's host inventory)."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError as exc:
-        if not explicit and "BALLOONCTL_CONFIG" not in os.environ:
-            return Config(None)
         raise ConfigError(f"{path}: no such file") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
@@ -223,6 +218,22 @@ def load(path: str | None) -> Config:
         # tomllib turns an integer literal of over 4300 digits into a plain ValueError
         # (Python's int_max_str_digits limit), not a TOMLDecodeError.
         raise ConfigError(f"{path}: not valid TOML: a number too long to read") from exc
+
+
+def load(path: str | None) -> Config:
+    """Read ``path`` (None: :func:`default_path`, and no file there is an empty config)."""
+    explicit = path is not None
+    path = path if explicit else default_path()
+    if path is None:
+        return Config(None)
+    try:
+        data = read_toml(path)
+    except ConfigError as exc:
+        # default_path() saw the file a moment ago; gone since, it is no file at all.
+        missing = isinstance(exc.__cause__, FileNotFoundError)
+        if missing and not explicit and "BALLOONCTL_CONFIG" not in os.environ:
+            return Config(None)
+        raise
     return _parse(path, data)
 
 

@@ -1,10 +1,9 @@
 """The VM commands end to end: ``python -m balloonctl`` as a subprocess against
 ``balloonctl sim`` processes on real unix sockets.
 
-Every test checks what a script relies on (DESIGN.md, "Contracts that users, scripts and the
-acceptance checks rely on"): the exit code (0 done, 1 failed, 2 usage/configuration, 3 a
-finding), the ``--json`` object's shape and values, and on failure exactly one line on
-stderr, never a traceback.
+Every test checks what a script relies on (docs/contracts.md): the exit code (0 done, 1
+failed, 2 usage/configuration, 3 a finding), the ``--json`` object's shape and values, and
+on failure exactly one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ SG_SENTENCE = "SG does not exist on this device"
 FEATURE_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 STAT_NAME = re.compile(r"^[a-z]+(-[a-z]+)*$")
 MEMORY_STATS = ("free-memory", "total-memory", "available-memory", "disk-caches")
-DESIGN_FEATURE_KEYS = {"profile", "offered", "acked", "sg", "driver_ok"}
+FEATURE_KEYS = {"profile", "offered", "acked", "sg", "driver_ok"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +417,7 @@ def test_status_json_seed_sg(shared_sim: Sim) -> None:
     assert report["actual_bytes"] == RAM
     assert report["max_bytes"] == RAM
     feats = report["features"]
-    assert set(feats) >= DESIGN_FEATURE_KEYS
+    assert set(feats) >= FEATURE_KEYS
     assert feats["profile"] == "seed-sg"
     assert feats["sg"] == {"offered": True, "acked": True}
     assert feats["driver_ok"] is True
@@ -961,7 +960,7 @@ def test_stats_watch_connection_dropped_exits_1(sim: Sim, watches: list[Watch], 
 
 
 def _check_features_report(report: dict[str, Any], vm: str) -> None:
-    assert {"vm", *DESIGN_FEATURE_KEYS} <= set(report)
+    assert {"vm", *FEATURE_KEYS} <= set(report)
     assert report["vm"] == vm
     assert isinstance(report["offered"], list) and isinstance(report["acked"], list)
     for name in report["offered"] + report["acked"]:

@@ -1,4 +1,4 @@
-"""``balloonctl vring parse``: DESIGN.md's contract, driven through main() like a user does."""
+"""``balloonctl vring parse``: the contract of docs/vring-parse.md, driven through main()."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_deflate_on_oom_gives_memory_back_when_the_guest_fills_it(real_vm: Guest
     assert "Killed" not in out
     grown = actual(real_vm)
     assert grown > 1 * GiB + 300 * MiB, grown
-    # What it took back it keeps until the host asks again (real-qemu-lab.md).
+    # What it took back it keeps until the host asks again (docs/real-qemu.md, Deflate-on-OOM).
     real_vm.run("rm /mnt/f")
     assert actual(real_vm) >= grown
 

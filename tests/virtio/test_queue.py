@@ -1,4 +1,4 @@
-"""The split queue, device side: every hostile class in DESIGN.md's table ends in its error.
+"""The split queue, device side: every hostile class of docs/vring-parse.md ends in its error.
 
 Each test is named after the error it provokes; each builds the smallest ring that shows it.
 """
@@ -279,7 +279,7 @@ def test_IndirectWithNext(ring: Ring) -> None:
 
 
 def test_indirect_flag_rules_are_checked_before_length(ring: Ring) -> None:
-    # INDIRECT|NEXT with a zero length: the flags rule wins (DESIGN.md's check order).
+    # INDIRECT|NEXT with a zero length: the flags rule wins (docs/vring-parse.md's check order).
     ring.driver.write_desc(0, 0, 0, INDIRECT | NEXT, 1)
     ring.driver.publish(0)
     assert isinstance(pop_error(ring), errors.IndirectWithNext)
