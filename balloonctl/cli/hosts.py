@@ -94,6 +94,10 @@ def load_inventory(path: str) -> list[Host]:
             value = entry.get(key)
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise ConfigError(f"{where}.{key}: must be a non-empty string")
+            # A NUL reaches no path or URI (the OS and libvirt refuse it with a ValueError),
+            # and a line break in a name would split the table's rows.
+            if isinstance(value, str) and any(c in value for c in "\0\n\r"):
+                raise ConfigError(f"{where}.{key}: contains a NUL or a line break")
         if "name" not in entry:
             raise ConfigError(f"{where}.name: required")
         if ("uri" in entry) == ("qmp_dir" in entry):
@@ -112,7 +116,7 @@ def select_hosts(connects: Sequence[str], inventory: str | None) -> list[Host]:
     seen: set[str] = set()
     for host in hosts:
         if host.name in seen:
-            raise UsageError(f"host {host.name!r} is given twice (-c and --hosts)")
+            raise UsageError(f"host {host.name!r} is given twice")
         seen.add(host.name)
     return hosts
 
