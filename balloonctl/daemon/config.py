@@ -399,7 +399,7 @@ def _daemon(path: str, table: dict[str, Any]) -> DaemonConfig:
         restore=_bool(f"{where}.restore", table.get("restore", base.restore)),
         restore_rate=_rate(f"{where}.restore_rate", table.get("restore_rate", base.restore_rate)),
         restore_timeout=_number(
-            f"{where}.restore_timeout", table.get("restore_timeout", base.restore_timeout), 0, 3600
+            f"{where}.restore_timeout", table.get("restore_timeout", base.restore_timeout), 1, 3600
         ),
     )
 

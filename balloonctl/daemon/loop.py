@@ -39,7 +39,7 @@ import signal
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from balloonctl.daemon.config import Config, member_name
 from balloonctl.daemon.config import load as load_config
@@ -190,6 +190,9 @@ class Daemon:
         #: Each configured libvirt URI's discovery, by URI.
         self._hosts: dict[str, _Discovery] = {}
         self._stop = asyncio.Event()
+        #: A second SIGTERM/SIGINT: cut a restore on stop short (systemd's own answer to a
+        #: slow stop is SIGKILL at TimeoutStopSec; an operator's second ^C is this).
+        self._stop_now = asyncio.Event()
         self._wake = asyncio.Event()
         self._reload = False
         self.metrics: Metrics | None = None
@@ -250,7 +253,10 @@ class Daemon:
         self._signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
 
     def stop(self) -> None:
-        """Leave the loop (prompt: it waits on an event, not a sleep)."""
+        """Leave the loop (prompt: it waits on an event, not a sleep); a second call cuts a
+        restore on stop short."""
+        if self._stop.is_set():
+            self._stop_now.set()
         self._stop.set()
         self._wake.set()
 
@@ -680,7 +686,7 @@ class Daemon:
         )
         deadline = time.monotonic() + daemon.restore_timeout
         restored = 0
-        while short and time.monotonic() < deadline:
+        while short and time.monotonic() < deadline and not self._stop_now.is_set():
             step_started = time.monotonic()
             share = max(daemon.restore_rate // len(short), 1)
             moves: list[tuple[Link, int]] = []
@@ -692,9 +698,25 @@ class Daemon:
                     continue
                 budget -= give
                 moves.append((link, short[name] + give))
-            results = await asyncio.gather(
-                *(self._restore_step(link, target) for link, target in moves)
+            # A step never outlives the deadline or a second SIGTERM: a VM whose set_target is
+            # still in flight then is left as it is (its command may or may not have acted).
+            step: asyncio.Future[list[bool]] = asyncio.ensure_future(
+                asyncio.gather(*(self._restore_step(link, target) for link, target in moves))
             )
+            stop_now: asyncio.Future[Any] = asyncio.ensure_future(self._stop_now.wait())
+            waiters: set[asyncio.Future[Any]] = {step, stop_now}
+            await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            stop_now.cancel()
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await step
+                break
+            results = step.result()
             for (link, target), ok in zip(moves, results, strict=True):
                 if not ok:
                     short.pop(link.name, None)
@@ -706,12 +728,20 @@ class Daemon:
                     short[link.name] = target
             self.notifier.watchdog()
             if short:
-                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - step_started)))
+                now = time.monotonic()
+                pause = max(0.0, min(1.0 - (now - step_started), deadline - now))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_now.wait(), pause)
+        why = (
+            "restore cut short by a second signal"
+            if self._stop_now.is_set()
+            else f"not restored within {daemon.restore_timeout:g} s"
+        )
         for name in sorted(short):
             log.warning(
-                "%s: not restored within %g s; left at %s of %s",
+                "%s: %s; left at %s of %s",
                 name,
-                daemon.restore_timeout,
+                why,
                 format_size(short[name]),
                 format_size(self.links[name].maximum),
             )

@@ -369,6 +369,8 @@ def test_wrong_type(tmp_path: Path, text: str, key: str) -> None:
         ("daemon", "connect_timeout", "0"),
         ("daemon", "connect_timeout", "601"),
         ("daemon", "command_timeout", "-1"),
+        ("daemon", "restore_timeout", "0"),
+        ("daemon", "restore_timeout", "3601"),
         ("libvirt", "shares", "0"),
         ("libvirt", "shares", "-5"),
         ("libvirt", "shares", "1048577"),

@@ -340,6 +340,43 @@ def shrunk_targets(targets: list[tuple[float, str, int]]) -> dict[str, int]:
     return out
 
 
+def test_a_second_stop_cuts_the_restore_short(
+    sock_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore at 16 MiB/s would take most of a minute; a second SIGTERM (stop()) ends it
+    at once, and what is left stays shrunk with one line each saying why."""
+    caplog.set_level(logging.INFO, logger="balloonctl")
+
+    async def body() -> None:
+        async with sims(sock_dir, vm("a"), vm("b")) as socks:
+            setup = Setup(
+                tmp_path,
+                dict(socks),
+                daemon={"restore": "true", "restore_rate": '"16M"', "restore_timeout": "300"},
+            )
+            setup.host(PRESSURE)
+            async with make_daemon(setup, Recording()) as d:
+                for _ in range(6):
+                    await d.tick(settle=True)
+                    await asyncio.sleep(0.6)
+                setup.host(BALANCED)
+                running = asyncio.create_task(d.run())
+                await asyncio.sleep(0.3)
+                d.stop()
+                await asyncio.sleep(1.5)
+                assert not running.done(), "the restore ended before the second stop"
+                started = time.monotonic()
+                d.stop()
+                await running
+                assert time.monotonic() - started < 2.0
+            for sock in socks.values():
+                assert await actual(sock) < GiB - 100 * MiB
+
+    asyncio.run(body())
+    cut = [r for r in caplog.records if "restore cut short by a second signal" in r.getMessage()]
+    assert {r.getMessage().split(":")[0] for r in cut} == {"a", "b"}
+
+
 def test_restore_is_off_by_default(sock_dir: Path, tmp_path: Path) -> None:
     """Without ``restore``, a stop leaves the shrunk VM where it is."""
 
