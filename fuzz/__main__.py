@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -50,6 +51,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _jobs(text: str) -> int:
+    """A job count from 1 to a few per core: libFuzzer's -fork=N starts N processes at once,
+    so 10**8 of them is a fork bomb, while many more than the cores only makes each slower."""
+    value = _positive(text)
+    limit = max(4 * (os.cpu_count() or 1), 8)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"at most {limit} (4 per core): {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -121,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--jobs",
-        type=_positive,
+        type=_jobs,
         metavar="N",
         help="fuzzing processes, libFuzzer's -fork=N; 1 runs in-process (default: all cores)",
     )

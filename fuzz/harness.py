@@ -50,7 +50,6 @@ import contextlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, TypeVar
 
@@ -1101,16 +1100,21 @@ def libvirt_stats(data: bytes) -> None:
     _check_stats(stats)
 
 
-_CONFIG_DIR: list[str] = []
+_CONFIG_FD: list[int] = []
 
 
 def config(data: bytes) -> None:
-    """Any bytes as a configuration file: only ConfigError may come out."""
-    if not _CONFIG_DIR:
-        _CONFIG_DIR.append(tempfile.mkdtemp(prefix="balloonctl-fuzz-config-"))
-    path = os.path.join(_CONFIG_DIR[0], "config.toml")
-    with open(path, "wb") as fh:
-        fh.write(data)
+    """Any bytes as a configuration file: only ConfigError may come out.
+
+    The file is a memfd, reached as ``/proc/self/fd/N``: load() opens and reads a real path,
+    but nothing touches the disk and nothing is left behind when libFuzzer ends the process
+    (a temporary directory was, once per run, since libFuzzer's exit runs no cleanup)."""
+    if not _CONFIG_FD:
+        _CONFIG_FD.append(os.memfd_create("balloonctl-fuzz-config"))
+    fd = _CONFIG_FD[0]
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    path = f"/proc/self/fd/{fd}"
     try:
         cfg = load_config(path)
     except ConfigError:

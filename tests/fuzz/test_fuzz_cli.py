@@ -327,6 +327,7 @@ def test_bad_target_is_a_usage_error(tree: Tree) -> None:
 def test_bad_options_are_usage_errors(tree: Tree) -> None:
     assert run(tree, "run", "calm", "--time", "0").code == 2
     assert run(tree, "run", "calm", "--jobs", "-1").code == 2
+    assert run(tree, "run", "calm", "--jobs", "99999999").code == 2  # not 10**8 processes
     assert_one_line_error(run(tree, "reproduce", str(tree.root / "absent")), 2)
 
 
