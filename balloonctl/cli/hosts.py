@@ -100,6 +100,11 @@ def load_inventory(path: str) -> list[Host]:
                 raise ConfigError(f"{where}.{key}: contains a NUL or a line break")
         if "name" not in entry:
             raise ConfigError(f"{where}.name: required")
+        if entry["name"] == LOCAL_HOST:
+            raise ConfigError(
+                f"{where}.name: {LOCAL_HOST!r} is reserved (list's host for the configuration's"
+                " [[vm]] and --qmp-dir sockets)"
+            )
         if ("uri" in entry) == ("qmp_dir" in entry):
             raise ConfigError(f"{where}: needs exactly one of uri (libvirt) or qmp_dir (QMP)")
         hosts.append(Host(entry["name"], entry.get("uri"), entry.get("qmp_dir")))

@@ -338,6 +338,7 @@ def test_multi_host_usage_errors(args: list[str], fragment: str) -> None:
         ),
         ("host = [1]\n", "host[0]: must be a table"),
         ("\xff", "not UTF-8"),
+        ('[[host]]\nname = "local"\nuri = "qemu:///system"\n', "host[0].name: 'local' is reserved"),
         ('[[host]]\nname = "a"\nqmp_dir = "/tmp/v\\u0000x"\n', "qmp_dir: contains a NUL"),
         ('[[host]]\nname = "a"\nuri = "qemu:///sys\\u0000tem"\n', "uri: contains a NUL"),
         ('[[host]]\nname = "a\\nb"\nuri = "qemu:///system"\n', "name: contains a NUL or a line"),
