@@ -283,6 +283,11 @@ class Daemon:
         else:
             if fresh.daemon.metrics != self.config.daemon.metrics:
                 log.warning("[daemon] metrics changes need a restart; keeping the endpoint")
+                # The running configuration says what runs: a later reload back to the
+                # address in use is then no change, and warns of nothing.
+                fresh = replace(
+                    fresh, daemon=replace(fresh.daemon, metrics=self.config.daemon.metrics)
+                )
             if fresh.daemon.interval != self.config.daemon.interval:
                 for link in self.links.values():
                     link.resync_due = True  # the stats period follows the interval

@@ -439,6 +439,30 @@ def test_reload_to_an_empty_or_invalid_file_is_refused(
     asyncio.run(body())
 
 
+def test_a_refused_metrics_change_is_not_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint cannot move without a restart, so the running configuration keeps the
+    address in use: a reload back to it is no change and warns of nothing."""
+    caplog.set_level(logging.INFO, logger="balloonctl")
+    setup = Setup(tmp_path, {"a": str(tmp_path / "a.sock")})
+    setup.host(BALANCED)
+
+    async def body() -> None:
+        d = make_daemon(setup)
+        original = setup.path.read_text()
+        assert d.config.daemon.metrics is None
+        setup.path.write_text(original.replace("[daemon]", '[daemon]\nmetrics = "127.0.0.1:9"'))
+        d.reload()
+        assert d.config.daemon.metrics is None
+        setup.path.write_text(original)
+        d.reload()
+
+    asyncio.run(body())
+    warnings = [r for r in caplog.records if "metrics changes need a restart" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # 4. A floor above RAM is a configuration warning
 # --------------------------------------------------------------------------------------------
