@@ -22,7 +22,7 @@ from typing import Any, Final, NoReturn
 
 from balloonctl import __version__
 from balloonctl.errors import BalloonError, GuestMemoryError, UsageError, VirtioError
-from balloonctl.units import parse_int
+from balloonctl.units import format_size, parse_int, parse_size
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,8 +57,6 @@ _count = _argument(lambda text: parse_int(text, what="number"))
 
 
 def _parse_size(text: str) -> int:
-    from balloonctl.units import parse_size  # noqa: PLC0415
-
     return parse_size(text)
 
 
@@ -532,7 +530,6 @@ def _cmd_set(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
     from balloonctl.cli import vm_commands  # noqa: PLC0415
-    from balloonctl.units import format_size  # noqa: PLC0415
 
     result = asyncio.run(
         vm_commands.set_target(
@@ -718,7 +715,6 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from balloonctl.sim.guest import GuestSpec  # noqa: PLC0415
     from balloonctl.sim.machine import VmSpec  # noqa: PLC0415
     from balloonctl.sim.runner import layout, serve  # noqa: PLC0415
-    from balloonctl.units import format_size  # noqa: PLC0415
 
     if args.memory < 64 << 20:
         raise UsageError("--memory must be at least 64M")
@@ -762,7 +758,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     """Time device-side decoding of a large inflate, PFN vs SG."""
     from balloonctl.bench.decode import DecodeBenchConfig, format_report, run  # noqa: PLC0415
-    from balloonctl.units import parse_size  # noqa: PLC0415
 
     config = DecodeBenchConfig(
         memory=parse_size(args.memory),
@@ -847,7 +842,6 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
 def _cmd_bench_seed(args: argparse.Namespace) -> int:
     """Replay the seed's experiment on the driver and device models."""
     from balloonctl.bench.seed import SeedBenchConfig, format_report, plot, run  # noqa: PLC0415
-    from balloonctl.units import parse_size  # noqa: PLC0415
     from balloonctl.virtio.memory import Backing  # noqa: PLC0415
 
     config = SeedBenchConfig(
