@@ -638,12 +638,18 @@ def _cmd_vring_parse(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     params = RingParams(args.queue_size, args.desc, args.avail, args.used, args.last_avail)
     # The result is millions of small acyclic lists at worst (32768 chains of 256 ranges):
-    # the cyclic collector would rescan them over and over (3.5 of 10 s measured). Off.
+    # the cyclic collector would rescan them over and over (3.5 of 10 s measured). Off for
+    # the parse, and back on after it: main() also runs inside other programs (the tests).
+    was_enabled = gc.isenabled()
     gc.disable()
-    with GuestMemory([region]) as mem:
-        # Streamed a batch of chains at a time: a legal ring prints 80 MB of JSON.
-        # vring parse is a machine-readable diagnostic: JSON with or without --json.
-        finding = write_ring_json(mem, params, Decode(args.decode), sys.stdout.write)
+    try:
+        with GuestMemory([region]) as mem:
+            # Streamed a batch of chains at a time: a legal ring prints 80 MB of JSON.
+            # vring parse is a machine-readable diagnostic: JSON with or without --json.
+            finding = write_ring_json(mem, params, Decode(args.decode), sys.stdout.write)
+    finally:
+        if was_enabled:
+            gc.enable()
     sys.stdout.write("\n")
     return EXIT_FINDING if finding else EXIT_OK
 

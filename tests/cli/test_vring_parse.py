@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -85,6 +86,21 @@ def test_parse_pfn_chains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ],
         "error": None,
     }
+
+
+def test_parse_leaves_the_cyclic_collector_as_it_found_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The parse turns the collector off while it runs; main() also runs inside other
+    # programs (pytest here), whose later cycles must still be collected.
+    def build(drv: MockDriverQueue, mem: GuestMemory) -> None:
+        mem.write(0x4000, pfn_array([20, 21]))
+        drv.add_chain([(0x4000, 8, False)])
+
+    path, layout = image(tmp_path, 1 << 20, 16, build)
+    assert gc.isenabled()
+    assert run(capsys, path, layout)[0] == 0
+    assert gc.isenabled()
 
 
 def test_parse_sg_with_indirect_tail_lists_table_entries(
