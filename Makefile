@@ -24,6 +24,8 @@ BIN    := $(VENV)/bin
 # The Prometheus rules in contrib/prometheus are checked and unit-tested with promtool: Debian
 # 13 packages it alone (promtool 2.53), Debian 12 only with the server (prometheus 2.42); only
 # the tool is wanted, so the Prometheus server that package enables on :9090 is disabled again.
+# The remote-libvirt tests put a second libvirtd in a network namespace (iproute2) and make
+# its TLS certificates at test time (openssl).
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -41,6 +43,8 @@ system-deps:
 	command -v zstd >/dev/null || missing="$$missing zstd"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v promtool >/dev/null || { apt-cache show promtool >/dev/null 2>&1 \
 	  && missing="$$missing promtool" || missing="$$missing prometheus"; }; \
 	[ -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
