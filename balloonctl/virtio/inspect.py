@@ -287,7 +287,7 @@ def _ranges_text(values: RangeArray, rows: PfnArray) -> list[str]:
         return ["[]"] * rows.size
     values = values.astype(np.int64, copy=False)
     # Each column as wide as its largest value: counts are mostly a digit or two.
-    wa, wb = (len(str(int(values[:, col].max()))) for col in (0, 1))
+    wa, wb = (len(str(int(np.max(values[:, col])))) for col in (0, 1))
     mat = np.empty((values.shape[0], wa + wb + 4), dtype=np.uint8)
     keep = np.ones(mat.shape, dtype=bool)
     mat[:, 0] = ord("[")
