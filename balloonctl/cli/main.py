@@ -797,7 +797,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     config = _config(args)
     if config.path is None:
         raise UsageError("the daemon needs a configuration file (--config FILE)")
-    if not config.vms and config.libvirt is None:
+    if config.manages_nothing:
         raise UsageError(f"{config.path}: nothing to manage (no [[vm]] and no [libvirt])")
     if not args.verbose:
         logging.getLogger("balloonctl.daemon").setLevel(logging.INFO)
